@@ -1,0 +1,110 @@
+"""Builds the FastAPI app from the domain routers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from plantwatch import __version__
+from plantwatch.app import Container
+from plantwatch.assets.routes import router as assets_router
+from plantwatch.core.config import Settings
+from plantwatch.core.errors import install_error_handlers
+from plantwatch.core.http import RequestContextMiddleware
+from plantwatch.core.jsonutil import dumps
+from plantwatch.tenancy.routes import router as tenancy_router
+
+DOMAIN_ROUTERS = [tenancy_router, assets_router]
+
+
+def create_app(settings: Settings | None = None, container: Container | None = None) -> FastAPI:
+    """The API app. Give a `container` to share backends with other roles in one process."""
+    owns_container = container is None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal container
+        if container is None:
+            container = Container.build(settings or Settings())
+        app.state.container = container
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            if owns_container:
+                await container.close()
+
+    app = FastAPI(
+        title="plantwatch",
+        version=__version__,
+        description="Industrial IoT monitoring and predictive maintenance.",
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+        lifespan=lifespan,
+    )
+    app.state.ready = False
+    install_error_handlers(app)
+    cors_origins = (settings.cors_origins if settings else []) or (
+        container.settings.cors_origins if container else []
+    )
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_credentials=True,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "X-Request-ID",
+                "X-Device-Key",
+                "Last-Event-ID",
+            ],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware)
+
+    for router in DOMAIN_ROUTERS:
+        app.include_router(router)
+
+    @app.get("/health", tags=["system"], summary="Liveness and each dependency's state")
+    async def health(request: Request) -> Response:
+        c: Container = request.app.state.container
+        checks: dict[str, dict[str, Any]] = {}
+        started = time.perf_counter()
+        try:
+            await c.db.ping()
+            checks["database"] = {
+                "status": "ok",
+                "backend": c.db.dialect,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            }
+        except Exception as exc:
+            checks["database"] = {"status": "error", "backend": c.db.dialect, "error": str(exc)}
+        ok = all(check["status"] == "ok" for check in checks.values())
+        body = {"status": "ok" if ok else "error", "version": __version__, "checks": checks}
+        return Response(dumps(body), status_code=200 if ok else 503, media_type="application/json")
+
+    @app.get("/ready", tags=["system"], summary="Ready to serve (started, migrated)")
+    async def ready(request: Request) -> Response:
+        is_ready = bool(request.app.state.ready)
+        return Response(
+            dumps({"status": "ready" if is_ready else "starting"}),
+            status_code=200 if is_ready else 503,
+            media_type="application/json",
+        )
+
+    @app.get("/metrics", tags=["system"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
