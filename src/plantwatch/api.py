@@ -15,6 +15,7 @@ from starlette.responses import Response
 from plantwatch import __version__
 from plantwatch.app import Container
 from plantwatch.assets.routes import router as assets_router
+from plantwatch.core import migrate
 from plantwatch.core.config import Settings
 from plantwatch.core.errors import install_error_handlers
 from plantwatch.core.http import RequestContextMiddleware
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         lifespan=lifespan,
     )
     app.state.ready = False
+    app.state.schema_current = False
     install_error_handlers(app)
     cors_origins = (settings.cors_origins if settings else []) or (
         container.settings.cors_origins if container else []
@@ -94,12 +96,22 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         body = {"status": "ok" if ok else "error", "version": __version__, "checks": checks}
         return Response(dumps(body), status_code=200 if ok else 503, media_type="application/json")
 
-    @app.get("/ready", tags=["system"], summary="Ready to serve (started, migrated)")
+    @app.get("/ready", tags=["system"], summary="Ready to serve: started and schema at head")
     async def ready(request: Request) -> Response:
-        is_ready = bool(request.app.state.ready)
+        state = request.app.state
+        status = "starting"
+        if state.ready:
+            if not state.schema_current:
+                c: Container = state.container
+                try:
+                    revision = await migrate.current_revision(c.db.engine)
+                    state.schema_current = revision == migrate.head_revision()
+                except Exception:
+                    state.schema_current = False
+            status = "ready" if state.schema_current else "migration_pending"
         return Response(
-            dumps({"status": "ready" if is_ready else "starting"}),
-            status_code=200 if is_ready else 503,
+            dumps({"status": status}),
+            status_code=200 if status == "ready" else 503,
             media_type="application/json",
         )
 
