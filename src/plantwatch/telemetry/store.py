@@ -1,0 +1,298 @@
+"""The time-series store: raw points, 1-minute and 1-hour rollups, latest values.
+
+Writes are idempotent: a point is keyed by (series_id, ts); sending it again
+changes nothing, sending it with another value replaces it. Rollups are
+merged incrementally from the points that were really new (the insert's
+RETURNING says which) and recomputed from raw only for the rare buckets where
+a point was rewritten, so a duplicate never counts twice.
+
+Statements are written per dialect because this is the hot path: multi-row
+VALUES on SQLite, `unnest` of arrays on PostgreSQL (one round trip a batch).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from plantwatch.telemetry.rollups import HOUR_MS, MINUTE_MS, Agg, aggregate, merge
+
+# SQLite binds at most 32766 variables a statement; 3 per point.
+_SQLITE_CHUNK = 10_000
+
+_ROLLUP_COLUMNS = "series_id, bucket, cnt, total, vmin, vmax, first_ts, vfirst, last_ts, vlast"
+
+
+def _merge_sql(table: str, least: str, greatest: str) -> str:
+    t = table
+    return (
+        f"ON CONFLICT (series_id, bucket) DO UPDATE SET "
+        f"cnt = {t}.cnt + excluded.cnt, total = {t}.total + excluded.total, "
+        f"vmin = {least}({t}.vmin, excluded.vmin), vmax = {greatest}({t}.vmax, excluded.vmax), "
+        f"vfirst = CASE WHEN excluded.first_ts < {t}.first_ts THEN excluded.vfirst "
+        f"ELSE {t}.vfirst END, "
+        f"first_ts = {least}({t}.first_ts, excluded.first_ts), "
+        f"vlast = CASE WHEN excluded.last_ts >= {t}.last_ts THEN excluded.vlast "
+        f"ELSE {t}.vlast END, "
+        f"last_ts = {greatest}({t}.last_ts, excluded.last_ts)"
+    )
+
+
+def _replace_sql(table: str) -> str:
+    return (
+        "ON CONFLICT (series_id, bucket) DO UPDATE SET cnt = excluded.cnt, "
+        "total = excluded.total, vmin = excluded.vmin, vmax = excluded.vmax, "
+        "first_ts = excluded.first_ts, vfirst = excluded.vfirst, "
+        "last_ts = excluded.last_ts, vlast = excluded.vlast"
+    )
+
+
+@dataclass
+class WriteResult:
+    inserted: int = 0
+    rewritten: int = 0
+    duplicates: int = 0
+
+
+@dataclass(frozen=True)
+class LatestRow:
+    series_id: int
+    factory_id: int
+    device_id: int
+    ts: int
+    value: float | None
+    text: str | None
+
+
+class _Dialect(ABC):
+    """The statements one backend needs; each backend writes its own fast paths."""
+
+    # Numbered placeholder prefix: `?1` on SQLite, `$1` on PostgreSQL.
+    param = "?"
+
+    @abstractmethod
+    async def insert_new(
+        self, conn: AsyncConnection, rows: Sequence[tuple[int, int, float]]
+    ) -> set[tuple[int, int]]:
+        """Insert rows that don't exist yet; return the keys that were inserted."""
+
+    @abstractmethod
+    async def upsert_rollups(
+        self,
+        conn: AsyncConnection,
+        table: str,
+        aggs: dict[tuple[int, int], Agg],
+        *,
+        replace: bool,
+    ) -> None:
+        """Merge partial aggregates into a rollup table (or replace buckets outright)."""
+
+    @abstractmethod
+    async def upsert_latest(self, conn: AsyncConnection, rows: Sequence[LatestRow]) -> None:
+        """Upsert latest values unless the stored one is newer."""
+
+
+class _SQLite(_Dialect):
+    async def insert_new(
+        self, conn: AsyncConnection, rows: Sequence[tuple[int, int, float]]
+    ) -> set[tuple[int, int]]:
+        inserted: set[tuple[int, int]] = set()
+        for start in range(0, len(rows), _SQLITE_CHUNK):
+            chunk = rows[start : start + _SQLITE_CHUNK]
+            sql = (
+                "INSERT INTO telemetry_raw (series_id, ts, value) VALUES "
+                + ",".join(["(?,?,?)"] * len(chunk))
+                + " ON CONFLICT (series_id, ts) DO NOTHING RETURNING series_id, ts"
+            )
+            flat = tuple(x for row in chunk for x in row)
+            result = await conn.exec_driver_sql(sql, flat)
+            returned: list[Any] = list(result.all())
+            inserted.update((r[0], r[1]) for r in returned)
+        return inserted
+
+    async def upsert_rollups(
+        self,
+        conn: AsyncConnection,
+        table: str,
+        aggs: dict[tuple[int, int], Agg],
+        *,
+        replace: bool,
+    ) -> None:
+        if not aggs:
+            return
+        tail = _replace_sql(table) if replace else _merge_sql(table, "min", "max")
+        sql = f"INSERT INTO {table} ({_ROLLUP_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?) {tail}"
+        await conn.exec_driver_sql(
+            sql, [(sid, bucket, *agg) for (sid, bucket), agg in aggs.items()]
+        )
+
+    async def upsert_latest(self, conn: AsyncConnection, rows: Sequence[LatestRow]) -> None:
+        if not rows:
+            return
+        await conn.exec_driver_sql(
+            "INSERT INTO series_latest (series_id, factory_id, device_id, ts, value, text) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT (series_id) DO UPDATE SET ts = excluded.ts, "
+            "value = excluded.value, text = excluded.text WHERE excluded.ts >= series_latest.ts",
+            [(r.series_id, r.factory_id, r.device_id, r.ts, r.value, r.text) for r in rows],
+        )
+
+
+class _Postgres(_Dialect):
+    param = "$"
+
+    async def insert_new(
+        self, conn: AsyncConnection, rows: Sequence[tuple[int, int, float]]
+    ) -> set[tuple[int, int]]:
+        series, stamps, values = zip(*rows, strict=True)
+        result = await conn.exec_driver_sql(
+            "INSERT INTO telemetry_raw (series_id, ts, value) "
+            "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::float8[]) "
+            "ON CONFLICT (series_id, ts) DO NOTHING RETURNING series_id, ts",
+            (list(series), list(stamps), list(values)),
+        )
+        returned: list[Any] = list(result.all())
+        return {(r[0], r[1]) for r in returned}
+
+    async def upsert_rollups(
+        self,
+        conn: AsyncConnection,
+        table: str,
+        aggs: dict[tuple[int, int], Agg],
+        *,
+        replace: bool,
+    ) -> None:
+        if not aggs:
+            return
+        columns: list[list[Any]] = [[] for _ in range(10)]
+        for (sid, bucket), agg in aggs.items():
+            columns[0].append(sid)
+            columns[1].append(bucket)
+            for i, value in enumerate(agg):
+                columns[i + 2].append(value)
+        tail = _replace_sql(table) if replace else _merge_sql(table, "LEAST", "GREATEST")
+        await conn.exec_driver_sql(
+            f"INSERT INTO {table} ({_ROLLUP_COLUMNS}) SELECT * FROM unnest("
+            "$1::bigint[], $2::bigint[], $3::int[], $4::float8[], $5::float8[], $6::float8[], "
+            f"$7::bigint[], $8::float8[], $9::bigint[], $10::float8[]) {tail}",
+            (
+                columns[0],
+                columns[1],
+                [int(c) for c in columns[2]],
+                columns[3],
+                columns[4],
+                columns[5],
+                [int(t) for t in columns[6]],
+                columns[7],
+                [int(t) for t in columns[8]],
+                columns[9],
+            ),
+        )
+
+    async def upsert_latest(self, conn: AsyncConnection, rows: Sequence[LatestRow]) -> None:
+        if not rows:
+            return
+        await conn.exec_driver_sql(
+            "INSERT INTO series_latest (series_id, factory_id, device_id, ts, value, text) "
+            "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], "
+            "$5::float8[], $6::text[]) "
+            "ON CONFLICT (series_id) DO UPDATE SET ts = excluded.ts, value = excluded.value, "
+            "text = excluded.text WHERE excluded.ts >= series_latest.ts",
+            (
+                [r.series_id for r in rows],
+                [r.factory_id for r in rows],
+                [r.device_id for r in rows],
+                [r.ts for r in rows],
+                [r.value for r in rows],
+                [r.text for r in rows],
+            ),
+        )
+
+
+def dialect_for(conn: AsyncConnection) -> _Dialect:
+    return _Postgres() if conn.dialect.name == "postgresql" else _SQLite()
+
+
+async def write_points(
+    conn: AsyncConnection, points: Iterable[tuple[int, int, float]]
+) -> WriteResult:
+    """Store points (series_id, ts_ms, value) in the caller's transaction."""
+    latest_value: dict[tuple[int, int], float] = {}
+    for series_id, ts, value in points:
+        latest_value[(series_id, ts)] = value  # within one batch, the last write wins
+    if not latest_value:
+        return WriteResult()
+    rows = [(sid, ts, value) for (sid, ts), value in latest_value.items()]
+    dialect = dialect_for(conn)
+    inserted = await dialect.insert_new(conn, rows)
+    result = WriteResult(inserted=len(inserted))
+    if len(inserted) == len(rows):
+        new_rows: list[tuple[int, int, float]] = rows
+        conflicts: list[tuple[int, int, float]] = []
+    else:
+        new_rows = [r for r in rows if (r[0], r[1]) in inserted]
+        conflicts = [r for r in rows if (r[0], r[1]) not in inserted]
+    await dialect.upsert_rollups(
+        conn, "telemetry_1m", aggregate(new_rows, MINUTE_MS), replace=False
+    )
+    await dialect.upsert_rollups(conn, "telemetry_1h", aggregate(new_rows, HOUR_MS), replace=False)
+    if conflicts:
+        rewritten = await _apply_rewrites(conn, dialect, conflicts)
+        result.rewritten = len(rewritten)
+        result.duplicates = len(conflicts) - len(rewritten)
+    return result
+
+
+async def _apply_rewrites(
+    conn: AsyncConnection, dialect: _Dialect, conflicts: Sequence[tuple[int, int, float]]
+) -> list[tuple[int, int, float]]:
+    """Replace changed values and recompute the buckets they sit in from raw data."""
+    p = [f"{dialect.param}{i}" for i in (1, 2, 3)]
+    rewritten: list[tuple[int, int, float]] = []
+    for sid, ts, value in conflicts:
+        result = await conn.exec_driver_sql(
+            f"UPDATE telemetry_raw SET value = {p[0]} WHERE series_id = {p[1]} "
+            f"AND ts = {p[2]} AND value <> {p[0]} RETURNING series_id",
+            (value, sid, ts),
+        )
+        if result.first() is not None:
+            rewritten.append((sid, ts, value))
+    if not rewritten:
+        return rewritten
+    minutes = {(sid, ts - ts % MINUTE_MS) for sid, ts, _ in rewritten}
+    recomputed: dict[tuple[int, int], Agg] = {}
+    for sid, bucket in minutes:
+        raw = await conn.exec_driver_sql(
+            f"SELECT series_id, ts, value FROM telemetry_raw WHERE series_id = {p[0]} "
+            f"AND ts >= {p[1]} AND ts < {p[2]}",
+            (sid, bucket, bucket + MINUTE_MS),
+        )
+        raw_rows: list[Any] = list(raw.all())
+        recomputed.update(aggregate(((r[0], r[1], r[2]) for r in raw_rows), MINUTE_MS))
+    await dialect.upsert_rollups(conn, "telemetry_1m", recomputed, replace=True)
+    hours = {(sid, bucket - bucket % HOUR_MS) for sid, bucket in minutes}
+    hourly: dict[tuple[int, int], Agg] = {}
+    for sid, hour in hours:
+        minute_rows = await conn.exec_driver_sql(
+            f"SELECT cnt, total, vmin, vmax, first_ts, vfirst, last_ts, vlast FROM telemetry_1m "
+            f"WHERE series_id = {p[0]} AND bucket >= {p[1]} AND bucket < {p[2]}",
+            (sid, hour, hour + HOUR_MS),
+        )
+        total: Agg | None = None
+        for row in minute_rows.all():
+            if total is None:
+                total = list(row)
+            else:
+                merge(total, list(row))
+        if total is not None:
+            hourly[(sid, hour)] = total
+    await dialect.upsert_rollups(conn, "telemetry_1h", hourly, replace=True)
+    return rewritten
+
+
+async def write_latest(conn: AsyncConnection, rows: Sequence[LatestRow]) -> None:
+    """Upsert latest values; an older point never overwrites a newer one."""
+    await dialect_for(conn).upsert_latest(conn, rows)
