@@ -97,7 +97,8 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{self.data_dir / 'plantwatch.db'}"
 
     def ensure_data_dir(self) -> Path:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # 0700: the data dir holds the database (password hashes) and the signing secret.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self.data_dir
 
     def secret(self) -> str:

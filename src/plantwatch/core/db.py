@@ -76,19 +76,29 @@ class TimestampMixin:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Hand transaction control to SQLAlchemy (see _sqlite_begin).
+    dbapi_conn.isolation_level = None
     cursor = dbapi_conn.cursor()
     # WAL lets readers run beside the writer; foreign keys are off by default in SQLite.
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # FULL: a commit is on disk before we acknowledge it (WAL keeps this cheap per batch).
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # The sqlite3 module defers BEGIN to the first write, so a read followed by a
+    # write in one transaction would not be isolated; we issue BEGIN ourselves.
+    conn.exec_driver_sql("BEGIN")
 
 
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if url.startswith("sqlite"):
         engine = create_async_engine(url, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     if kwargs.pop("null_pool", False):

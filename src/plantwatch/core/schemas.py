@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+import re
+from typing import Annotated, Any, Generic, TypeVar
 
-from fastapi import Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi import Path, Query
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 T = TypeVar("T")
 
 MAX_PER_PAGE = 500
+# Ids are BIGINT: a larger number would be a database error (500), so it is a 422 here.
+MAX_DB_ID = 2**63 - 1
+DbId = Annotated[int, Field(ge=1, le=MAX_DB_ID)]
+PathId = Annotated[int, Path(ge=1, le=MAX_DB_ID)]
+# For query-string filters, which reach SQL: no control characters at all.
+QUERY_TEXT = r"^[^\x00-\x1f\x7f]*$"
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def no_control_chars(value: str) -> str:
+    """For single-line text (names, e-mails): control characters are never meaningful."""
+    if CONTROL_CHARS.search(value):
+        raise ValueError("control characters are not allowed")
+    return value
+
+
+def _not_null(value: Any) -> Any:
+    if value is None:
+        raise ValueError("may be omitted but not null")
+    return value
+
+
+# For PATCH fields that may be left out but not set to null.
+NotNull = BeforeValidator(_not_null)
+
+
+def _find_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_find_nul(k) or _find_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_find_nul(v) for v in value)
+    return False
 
 
 class RequestModel(BaseModel):
@@ -29,6 +64,14 @@ class RequestModel(BaseModel):
             data = {k: v for k, v in data.items() if k != "factory_id"}
         return data
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # PostgreSQL text cannot hold NUL: refuse it on every backend, in every field.
+        if _find_nul(value):
+            raise ValueError("must not contain NUL characters")
+        return value
+
 
 class ResponseModel(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -47,6 +90,12 @@ class Item(BaseModel, Generic[T]):
 class Page(BaseModel, Generic[T]):
     data: list[T]
     meta: PageMeta
+
+    @classmethod
+    def of(cls, rows: list[T], total: int, params: PageParams) -> Page[T]:
+        return cls(
+            data=rows, meta=PageMeta(page=params.page, per_page=params.per_page, total=total)
+        )
 
 
 class PageParams(BaseModel):
