@@ -6,6 +6,7 @@ row exists exactly when the change committed.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from typing import Any, Protocol
 
@@ -40,6 +41,9 @@ def snapshot(obj: Any) -> dict[str, Any]:
         value = getattr(obj, attr.key)
         if isinstance(value, dt.datetime):
             value = value.isoformat()
+        elif isinstance(value, list | dict):
+            # A copy: a later in-place change must not rewrite the "before" picture.
+            value = copy.deepcopy(value)
         out[attr.key] = value
     return out
 

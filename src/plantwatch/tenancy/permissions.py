@@ -106,6 +106,17 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.VIEWER: _READ_ALL - {"users:read"},
 }
 
+ROLE_DESCRIPTIONS: dict[Role, str] = {
+    Role.SUPER_ADMIN: "Everything, including users, roles and the audit log",
+    Role.FACTORY_MANAGER: "Runs the plant: settings, approvals, alert policy, reports, audit",
+    Role.MAINTENANCE_MANAGER: "Plans maintenance: rules, work orders, approvals, spare parts",
+    Role.MAINTENANCE_ENGINEER: "Configures assets, devices, rules and analytics; runs commands",
+    Role.TECHNICIAN: "Works the floor: responds to alerts and logs work on work orders",
+    Role.DATA_SCIENTIST: "Reads everything operational and runs analytics jobs",
+    Role.QUALITY_INSPECTOR: "Reads everything operational, responds to alerts, makes reports",
+    Role.VIEWER: "Reads everything operational, changes nothing",
+}
+
 
 def effective_permissions(role: str, grants: Iterable[str] = ()) -> frozenset[str]:
     try:
@@ -120,5 +131,48 @@ def unknown_permissions(grants: Iterable[str]) -> list[str]:
 
 
 def can_assign_role(actor_role: str, target_role: str) -> bool:
-    """Only a super admin may create or promote another super admin."""
+    """Only a super admin may create or promote another super admin.
+
+    The same rule guards changes to an existing super admin: only a super admin
+    may edit, demote or deactivate one.
+    """
     return target_role != Role.SUPER_ADMIN or actor_role == Role.SUPER_ADMIN
+
+
+def escalation(
+    actor_permissions: Iterable[str], before: Iterable[str], after: Iterable[str]
+) -> list[str]:
+    """Permissions a change would hand out that the actor does not hold itself.
+
+    A user manager may pass on only what they have: `users:manage` granted to a
+    factory manager does not let them give anyone (themselves included)
+    `commands:execute`. Empty means the change is allowed.
+    """
+    return sorted(frozenset(after) - frozenset(before) - frozenset(actor_permissions))
+
+
+def permissions_table_markdown() -> str:
+    """The role x permission table of docs/security.md, rendered from the data above."""
+    roles = list(Role)
+    lines = [
+        "| Permission | Meaning | " + " | ".join(f"`{r.value}`" for r in roles) + " |",
+        "|---|---|" + "|".join(":-:" for _ in roles) + "|",
+    ]
+    for name, description in PERMISSIONS.items():
+        marks = " | ".join("✓" if name in ROLE_PERMISSIONS[r] else "" for r in roles)
+        lines.append(f"| `{name}` | {description} | {marks} |")
+    return "\n".join(lines) + "\n"
+
+
+def roles_table_markdown() -> str:
+    """One line per role: what it is for and how many permissions it carries."""
+    lines = ["| Role | For | Permissions |", "|---|---|--:|"]
+    for role in Role:
+        count = len(ROLE_PERMISSIONS[role])
+        lines.append(f"| `{role.value}` | {ROLE_DESCRIPTIONS[role]} | {count} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m plantwatch.tenancy.permissions`
+    print(roles_table_markdown())
+    print(permissions_table_markdown(), end="")

@@ -16,8 +16,8 @@ from pydantic import (
     model_validator,
 )
 
-from plantwatch.core.schemas import RequestModel, ResponseModel
-from plantwatch.tenancy.permissions import Role, unknown_permissions
+from plantwatch.core.schemas import NotNull, RequestModel, ResponseModel, no_control_chars
+from plantwatch.tenancy.permissions import PERMISSIONS, Role
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 
@@ -36,19 +36,24 @@ def _check_slug(value: str) -> str:
     return value
 
 
-def _check_grants(value: list[str]) -> list[str]:
-    unknown = unknown_permissions(value)
-    if unknown:
-        raise ValueError(f"unknown permissions: {', '.join(unknown)}")
+def _check_permission(value: str) -> str:
+    if value not in PERMISSIONS:
+        raise ValueError(f"unknown permission '{value}'")
+    return value
+
+
+def _dedupe(value: list[str]) -> list[str]:
     return sorted(set(value))
 
 
 Timezone = Annotated[str, Field(max_length=64), AfterValidator(_check_timezone)]
 Slug = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_check_slug)]
 Password = Annotated[str, Field(min_length=8, max_length=256)]
-Grants = Annotated[list[str], Field(max_length=64), AfterValidator(_check_grants)]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+PermissionName = Annotated[str, Field(max_length=64), AfterValidator(_check_permission)]
+Grants = Annotated[list[PermissionName], Field(max_length=64), AfterValidator(_dedupe)]
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(no_control_chars)]
 Phone = Annotated[str, Field(pattern=r"^\+?[0-9 ()\-]{4,31}$")]
+Email = Annotated[EmailStr, Field(max_length=254)]
 
 
 # --- factories -------------------------------------------------------------
@@ -76,8 +81,8 @@ class FactoryCreate(RequestModel):
 
 
 class FactoryUpdate(RequestModel):
-    name: Name | None = None
-    timezone: Timezone | None = None
+    name: Annotated[Name | None, NotNull] = None
+    timezone: Annotated[Timezone | None, NotNull] = None
 
 
 # --- auth -------------------------------------------------------------------
@@ -88,8 +93,8 @@ class LoginRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     factory_slug: Slug | None = None
-    factory_id: int | None = Field(None, ge=1)
-    email: Annotated[str, Field(min_length=3, max_length=254)]
+    factory_id: int | None = Field(None, ge=1, le=2**63 - 1)
+    email: Annotated[str, Field(min_length=3, max_length=254), AfterValidator(no_control_chars)]
     password: Annotated[str, Field(min_length=1, max_length=256)]
 
     @model_validator(mode="after")
@@ -136,7 +141,7 @@ class MeOut(BaseModel):
 
 
 class UserCreate(RequestModel):
-    email: EmailStr = Field(max_length=254)
+    email: Email
     password: Password
     full_name: Name | None = None
     phone: Phone | None = None
@@ -145,7 +150,7 @@ class UserCreate(RequestModel):
 
 
 class UserInvite(RequestModel):
-    email: EmailStr = Field(max_length=254)
+    email: Email
     full_name: Name | None = None
     phone: Phone | None = None
     role: Role
@@ -166,16 +171,32 @@ class AcceptInvite(RequestModel):
 
 
 class UserUpdate(RequestModel):
+    """PATCH: omitted fields stay; `full_name` and `phone` may be cleared with null."""
+
     full_name: Name | None = None
     phone: Phone | None = None
-    role: Role | None = None
-    permissions: Grants | None = None
-    is_active: bool | None = None
+    role: Annotated[Role | None, NotNull] = None
+    permissions: Annotated[Grants | None, NotNull] = None
+    is_active: Annotated[bool | None, NotNull] = None
 
 
 class PasswordChange(RequestModel):
     current_password: Annotated[str, Field(min_length=1, max_length=256)]
     new_password: Password
+
+
+# --- roles and permissions --------------------------------------------------
+
+
+class PermissionOut(BaseModel):
+    name: str
+    description: str
+
+
+class RoleOut(BaseModel):
+    name: str
+    description: str
+    permissions: list[str]
 
 
 # --- audit ------------------------------------------------------------------
