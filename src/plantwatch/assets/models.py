@@ -75,6 +75,9 @@ class Device(TimestampMixin, Base):
     # `metadata` is reserved on declarative classes; the column keeps the public name.
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JsonType, default=dict)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Connectivity, kept by telemetry ingest: unknown (never heard from), online, offline.
+    # Separate from is_active, which says whether the device is commissioned at all.
+    status: Mapped[str] = mapped_column(String(16), default="unknown", server_default="unknown")
     last_seen: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 

@@ -125,6 +125,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("is_active", sa.Boolean(), nullable=False),
+        sa.Column("status", sa.String(length=16), server_default="unknown", nullable=False),
         sa.Column("last_seen", plantwatch.core.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("created_at", plantwatch.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", plantwatch.core.db.UTCDateTime(timezone=True), nullable=False),
