@@ -66,6 +66,9 @@ class Parsed:
     # metric -> (ts_ms, text): the newest string value per metric
     states: dict[str, tuple[int, str]] = field(default_factory=dict)
     rejects: list[Reject] = field(default_factory=list)
+    # metric -> "int" | "bool" for metrics that arrived as such (default "float"),
+    # so discovery records the parameter's real data type.
+    kinds: dict[str, str] = field(default_factory=dict)
     # Set when the message as a whole is unusable (nothing else is filled then).
     fatal: Reject | None = None
 
@@ -134,6 +137,7 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
     points = result.points
     states = result.states
     rejects = result.rejects
+    kinds = result.kinds
     for entry in entries:
         if not isinstance(entry, dict):
             rejects.append(Reject(INVALID_SHAPE, "entry is not an object", entry))
@@ -237,4 +241,6 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                     )
                 )
                 continue
+            if value_type is not float and name not in kinds:
+                kinds[name] = "bool" if value_type is bool else "int"
             points.append((name, ts, number))

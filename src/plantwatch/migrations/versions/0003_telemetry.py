@@ -61,18 +61,14 @@ def upgrade() -> None:
         sa.Column("text", sa.String(length=256), nullable=True),
         sa.PrimaryKeyConstraint("series_id", name=op.f("pk_series_latest")),
     )
-    op.create_index(
-        "ix_series_latest_factory_device", "series_latest", ["factory_id", "device_id"]
-    )
+    op.create_index("ix_series_latest_factory_device", "series_latest", ["factory_id", "device_id"])
     op.create_table(
         "dead_letters",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column(
             "factory_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
         ),
-        sa.Column(
-            "device_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
-        ),
+        sa.Column("device_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("device_key", sa.String(length=100), nullable=True),
         sa.Column("source", sa.String(length=16), nullable=False),
         sa.Column("topic", sa.String(length=300), nullable=True),
