@@ -20,9 +20,10 @@ from plantwatch.core.config import Settings
 from plantwatch.core.errors import install_error_handlers
 from plantwatch.core.http import RequestContextMiddleware
 from plantwatch.core.jsonutil import dumps
+from plantwatch.telemetry.routes import router as telemetry_router
 from plantwatch.tenancy.routes import router as tenancy_router
 
-DOMAIN_ROUTERS = [tenancy_router, assets_router]
+DOMAIN_ROUTERS = [tenancy_router, assets_router, telemetry_router]
 
 
 def create_app(settings: Settings | None = None, container: Container | None = None) -> FastAPI:
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         if container is None:
             container = Container.build(settings or Settings())
         app.state.container = container
+        await container.start()
         app.state.ready = True
         try:
             yield

@@ -39,6 +39,8 @@ async def test_get_and_patch_factory(
         "name": "Acme Precision",
         "slug": "acme",
         "timezone": "UTC",
+        "auto_register_devices": False,
+        "offline_after_s": 300,
         "created_at": None,
         "updated_at": None,
     }

@@ -11,11 +11,13 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Index,
+    Integer,
     String,
     Table,
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from plantwatch.core.db import Base, BigId, JsonType, TimestampMixin, UTCDateTime, utcnow
@@ -79,6 +81,8 @@ class Device(TimestampMixin, Base):
     # Separate from is_active, which says whether the device is commissioned at all.
     status: Mapped[str] = mapped_column(String(16), default="unknown", server_default="unknown")
     last_seen: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # Silence after which the device counts as offline; NULL = the factory's setting.
+    offline_after_s: Mapped[int | None] = mapped_column(Integer)
 
 
 device_group_members = Table(
@@ -115,6 +119,8 @@ class DeviceParameter(Base):
     unit: Mapped[str | None] = mapped_column(String(32))
     data_type: Mapped[str] = mapped_column(String(16), default="float")
     is_kpi: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Electrical power (unit W, kW or MW): summed for plant power, integrated for energy.
+    is_power: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     # Limits for threshold colouring and default rules; either side may be open.
     warning_low: Mapped[float | None] = mapped_column(Float)
     warning_high: Mapped[float | None] = mapped_column(Float)

@@ -29,6 +29,8 @@ ParameterKey = Annotated[str, Field(min_length=1, max_length=100, pattern=PARAME
 Unit = Annotated[str, Field(max_length=32)]
 KeyName = Annotated[str, Field(min_length=1, max_length=100)]
 Threshold = Annotated[float, Field(allow_inf_nan=False)]
+# Seconds of silence before a device counts as offline (10 s to 7 days).
+OfflineAfter = Annotated[int, Field(ge=10, le=7 * 86400)]
 
 
 class Criticality(StrEnum):
@@ -182,6 +184,7 @@ class DeviceCreate(RequestModel):
     criticality: Criticality = Criticality.MEDIUM
     metadata: Metadata = Field(default_factory=dict)
     is_active: bool = True
+    offline_after_s: OfflineAfter | None = None
 
 
 class DeviceUpdate(RequestModel):
@@ -196,6 +199,7 @@ class DeviceUpdate(RequestModel):
     criticality: Annotated[Criticality | None, NotNull] = None
     metadata: Annotated[Metadata | None, NotNull] = None
     is_active: Annotated[bool | None, NotNull] = None
+    offline_after_s: OfflineAfter | None = None
 
 
 class DeviceOut(BaseModel):
@@ -218,6 +222,7 @@ class DeviceOut(BaseModel):
     is_active: bool
     status: str
     last_seen: dt.datetime | None
+    offline_after_s: int | None
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -257,6 +262,7 @@ class ParameterCreate(RequestModel):
     unit: Unit | None = None
     data_type: DataType = DataType.FLOAT
     is_kpi: bool = False
+    is_power: bool = False
     warning_low: Threshold | None = None
     warning_high: Threshold | None = None
     critical_low: Threshold | None = None
@@ -268,6 +274,7 @@ class ParameterUpdate(RequestModel):
     unit: Unit | None = None
     data_type: Annotated[DataType | None, NotNull] = None
     is_kpi: Annotated[bool | None, NotNull] = None
+    is_power: Annotated[bool | None, NotNull] = None
     warning_low: Threshold | None = None
     warning_high: Threshold | None = None
     critical_low: Threshold | None = None
@@ -282,6 +289,7 @@ class ParameterOut(ResponseModel):
     unit: str | None
     data_type: str
     is_kpi: bool
+    is_power: bool
     warning_low: float | None
     warning_high: float | None
     critical_low: float | None

@@ -612,6 +612,7 @@ def device_out(row: Any) -> DeviceOut:
         is_active=device.is_active,
         status=device.status,
         last_seen=device.last_seen,
+        offline_after_s=device.offline_after_s,
         created_at=device.created_at,
         updated_at=device.updated_at,
     )
@@ -730,6 +731,7 @@ async def create_device(session: AsyncSession, actor: Actor, data: DeviceCreate)
         criticality=data.criticality.value,
         meta=data.metadata,
         is_active=data.is_active,
+        offline_after_s=data.offline_after_s,
     )
     session.add(device)
     await _flush(session, _device_key_conflict(data.device_key))

@@ -62,6 +62,15 @@ class Settings(BaseSettings):
     login_max_failures_per_ip: int = Field(default=20, ge=1)
     login_failure_window_s: int = Field(default=15 * 60, ge=1)
 
+    # Telemetry ingest: batching and the limits every payload is checked against.
+    ingest_batch_points: int = Field(default=50_000, ge=100, le=1_000_000)
+    ingest_linger_ms: float = Field(default=0.0, ge=0, le=1000)
+    ingest_max_payload_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    ingest_max_entries: int = Field(default=10_000, ge=1, le=1_000_000)
+    ingest_max_metrics: int = Field(default=1_000, ge=1, le=100_000)
+    ingest_max_future_s: int = Field(default=300, ge=0)
+    ingest_max_past_s: int = Field(default=7 * 86400, ge=0)
+
     cors_origins: list[str] = Field(default_factory=list)
     trusted_proxies: list[str] = Field(default_factory=list)
 

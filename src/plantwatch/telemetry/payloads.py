@@ -56,7 +56,8 @@ class Limits:
 class Reject:
     reason: str
     detail: str
-    # The smallest piece of the input that shows the problem (one entry or metric).
+    # The smallest piece of the input that shows the problem, itself a valid payload
+    # shape (one entry, or {"ts", "values": {metric: value}}), so it can be replayed.
     fragment: Any = None
 
 
@@ -179,7 +180,7 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                 Reject(
                     TOO_MANY_METRICS,
                     f"{len(metrics)} metrics exceed the limit of {limits.max_metrics}",
-                    {"ts": ts, "metric_count": len(metrics)},
+                    entry,
                 )
             )
             continue
@@ -195,7 +196,7 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                         Reject(
                             NON_FINITE_VALUE,
                             f"{name}: {value!r} is not finite",
-                            {"ts": ts, "metric": name, "value": repr(value)},
+                            {"ts": ts, "values": {name: value}},
                         )
                     )
                     continue
@@ -207,7 +208,7 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                         Reject(
                             INVALID_METRIC_NAME,
                             f"bad metric name {name[:120]!r}",
-                            {"ts": ts, "metric": name[:120]},
+                            {"ts": ts, "values": {name[:120]: value}},
                         )
                     )
                 elif len(value) > MAX_STATE_LENGTH:
@@ -215,7 +216,7 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                         Reject(
                             STRING_TOO_LONG,
                             f"{name}: state text over {MAX_STATE_LENGTH} characters",
-                            {"ts": ts, "metric": name, "value": value[:64]},
+                            {"ts": ts, "values": {name: value}},
                         )
                     )
                 else:
@@ -228,7 +229,7 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                     Reject(
                         INVALID_VALUE_TYPE,
                         f"{name[:120]}: {value_type.__name__} is not a number, bool or string",
-                        {"ts": ts, "metric": name[:120], "value": value},
+                        {"ts": ts, "values": {name[:120]: value}},
                     )
                 )
                 continue
@@ -237,7 +238,7 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                     Reject(
                         INVALID_METRIC_NAME,
                         f"bad metric name {name[:120]!r}",
-                        {"ts": ts, "metric": name[:120]},
+                        {"ts": ts, "values": {name[:120]: value}},
                     )
                 )
                 continue

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from plantwatch.core.db import Base, BigId, JsonType, TimestampMixin, UTCDateTime, utcnow
@@ -18,6 +19,12 @@ class Factory(TimestampMixin, Base):
     name: Mapped[str] = mapped_column(String(200))
     slug: Mapped[str] = mapped_column(String(64), unique=True)
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    # Telemetry from an unregistered device key creates the device instead of a dead letter.
+    auto_register_devices: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=sa_false()
+    )
+    # A device silent this long is offline, unless it sets its own limit.
+    offline_after_s: Mapped[int] = mapped_column(Integer, default=300, server_default="300")
 
 
 class User(TimestampMixin, Base):

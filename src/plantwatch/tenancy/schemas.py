@@ -70,6 +70,8 @@ class FactoryOut(ResponseModel):
     name: str
     slug: str
     timezone: str
+    auto_register_devices: bool
+    offline_after_s: int
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -83,6 +85,8 @@ class FactoryCreate(RequestModel):
 class FactoryUpdate(RequestModel):
     name: Annotated[Name | None, NotNull] = None
     timezone: Annotated[Timezone | None, NotNull] = None
+    auto_register_devices: Annotated[bool | None, NotNull] = None
+    offline_after_s: Annotated[int | None, NotNull, Field(ge=10, le=7 * 86400)] = None
 
 
 # --- auth -------------------------------------------------------------------

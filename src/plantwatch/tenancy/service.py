@@ -153,13 +153,11 @@ async def get_factory(session: AsyncSession, factory_id: int) -> Factory:
 
 
 async def update_factory(session: AsyncSession, actor: audit.Actor, data: FactoryUpdate) -> Factory:
-    """Change the caller's factory (name, timezone); the slug is its login handle and stays."""
+    """Change the caller's factory settings; the slug is its login handle and stays."""
     factory = await get_factory(session, actor.factory_id)
     before = audit.snapshot(factory)
-    if data.name is not None:
-        factory.name = data.name
-    if data.timezone is not None:
-        factory.timezone = data.timezone
+    for field, value in data.model_dump(exclude_unset=True).items():
+        setattr(factory, field, value)
     await session.flush()
     after = audit.snapshot(factory)
     if _changed(before, after):
