@@ -40,6 +40,7 @@ from plantwatch.core.config import Settings
 from plantwatch.core.db import Database
 from plantwatch.core.errors import NotFound, Problem
 from plantwatch.core.logging import configure_logging
+from plantwatch.scheduler import SchedulerRole
 from plantwatch.tenancy import service as tenancy_service
 from plantwatch.tenancy.permissions import Role
 from plantwatch.tenancy.schemas import FactoryCreate, UserCreate
@@ -304,6 +305,7 @@ RoleFactory = Callable[[RoleContext], RoleRunner]
 # embedded MQTT broker joins `_up_runners` as a runner of its own.
 ROLES: dict[str, RoleFactory] = {
     "api": ApiRole,
+    "scheduler": SchedulerRole,
 }
 
 

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     ingest_max_future_s: int = Field(default=300, ge=0)
     ingest_max_past_s: int = Field(default=7 * 86400, ge=0)
 
+    # Time-series retention per tier, in days; the scheduler applies it hourly.
+    retention_raw_days: int = Field(default=90, ge=1)
+    retention_1m_days: int = Field(default=365, ge=1)
+    retention_1h_days: int = Field(default=5 * 365, ge=1)
+    offline_sweep_interval_s: float = Field(default=10.0, gt=0, le=3600)
+
     cors_origins: list[str] = Field(default_factory=list)
     trusted_proxies: list[str] = Field(default_factory=list)
 

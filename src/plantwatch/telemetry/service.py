@@ -9,16 +9,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from plantwatch.assets.models import Device, DeviceKey
+from plantwatch.assets.models import Device, DeviceKey, DeviceParameter
 from plantwatch.core.bus import Bus
 from plantwatch.core.db import Database, utcnow
 from plantwatch.core.errors import NotFound
 from plantwatch.core.listing import paginate
 from plantwatch.core.schemas import PageParams
-from plantwatch.telemetry.models import DeadLetter
+from plantwatch.telemetry.models import (
+    DeadLetter,
+    rollup_1h,
+    rollup_1m,
+    series_latest,
+    telemetry_raw,
+)
 from plantwatch.telemetry.pipeline import DeviceRef, IngestPipeline
 from plantwatch.tenancy.audit import Actor, record
 from plantwatch.tenancy.models import Factory
@@ -344,3 +350,22 @@ async def replay(
     )
     await session.commit()
     return results
+
+
+async def purge_orphans(engine: AsyncEngine) -> int:
+    """Delete time-series data of parameters that no longer exist (deleted parameters,
+    purged devices). The data tables carry no foreign keys, so this is their cascade."""
+    async with engine.connect() as conn:
+        orphans = [
+            row[0]
+            for row in await conn.execute(
+                select(series_latest.c.series_id).where(
+                    series_latest.c.series_id.not_in(select(DeviceParameter.id))
+                )
+            )
+        ]
+    for series_id in orphans:
+        async with engine.begin() as conn:
+            for table in (telemetry_raw, rollup_1m, rollup_1h, series_latest):
+                await conn.execute(delete(table).where(table.c.series_id == series_id))
+    return len(orphans)
