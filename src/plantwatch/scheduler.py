@@ -150,6 +150,7 @@ async def run_job(job: Job) -> Any:
         log.exception("scheduler_job_failed", job=job.name)
         return None
     elapsed = round((time.perf_counter() - started) * 1000, 1)
-    if result:
+    did_something = any(result.values()) if isinstance(result, dict) else bool(result)
+    if did_something:
         log.info("scheduler_job", job=job.name, result=result, ms=elapsed)
     return result
