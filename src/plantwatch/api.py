@@ -20,10 +20,20 @@ from plantwatch.core.config import Settings
 from plantwatch.core.errors import install_error_handlers
 from plantwatch.core.http import RequestContextMiddleware
 from plantwatch.core.jsonutil import dumps
+from plantwatch.rules.routes import router as rules_router
+from plantwatch.telemetry.kpi_routes import router as kpi_router
 from plantwatch.telemetry.routes import router as telemetry_router
+from plantwatch.telemetry.transfer_routes import router as transfer_router
 from plantwatch.tenancy.routes import router as tenancy_router
 
-DOMAIN_ROUTERS = [tenancy_router, assets_router, telemetry_router]
+DOMAIN_ROUTERS = [
+    tenancy_router,
+    assets_router,
+    telemetry_router,
+    transfer_router,
+    rules_router,
+    kpi_router,
+]
 
 
 def create_app(settings: Settings | None = None, container: Container | None = None) -> FastAPI:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from plantwatch.core.bus import Bus, InProcessBus
 from plantwatch.core.config import Settings
 from plantwatch.core.db import Database
+from plantwatch.telemetry.kpis import SeriesDirectory
 from plantwatch.telemetry.partitions import Partitions
 from plantwatch.telemetry.payloads import Limits
 from plantwatch.telemetry.pipeline import IngestPipeline
@@ -32,6 +33,8 @@ class Container:
     partitions: Partitions
     devices: DeviceDirectory
     pipeline: IngestPipeline
+    # Per-process cache of series metadata for latest-value reads (values are never cached).
+    series: SeriesDirectory = field(default_factory=SeriesDirectory)
     _started: bool = False
 
     @classmethod

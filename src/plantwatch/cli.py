@@ -300,12 +300,21 @@ class ApiRole:
 
 RoleFactory = Callable[[RoleContext], RoleRunner]
 
+
+def _ingest_role(ctx: RoleContext) -> RoleRunner:
+    """MQTT ingest: the embedded broker, or a subscriber on PLANTWATCH_MQTT_URL."""
+    from plantwatch.connectors.mqtt_role import IngestRole
+
+    return IngestRole(ctx)
+
+
 # The roles that exist, each runnable alone with `plantwatch run NAME`; `up` runs
 # them all. Later roles (ingest, rules, jobs, scheduler) register here, and the
 # embedded MQTT broker joins `_up_runners` as a runner of its own.
 ROLES: dict[str, RoleFactory] = {
     "api": ApiRole,
     "scheduler": SchedulerRole,
+    "ingest": _ingest_role,
 }
 
 
@@ -516,8 +525,13 @@ async def _up(settings: Settings, with_demo: bool, host: str | None, port: int |
                 settings.host if host is None else host,
                 settings.port if port is None else port,
             )
+            runners = _up_runners(ctx)
+            if info is not None:  # --demo: simulate the demo machines into this process
+                from plantwatch.simulator import DemoSimulationRole
+
+                runners.append(DemoSimulationRole(container, info.factory_slug))
             return await _serve_roles(
-                _up_runners(ctx),
+                runners,
                 shutdown,
                 lambda runners: _print_banner(settings, runners, info),
             )
@@ -768,6 +782,13 @@ async def _reset_password(settings: Settings, factory_slug: str, email: str, pas
                 f"no user '{email.strip().lower()}' in factory '{factory_slug}'"
             ) from None
         await session.commit()
+
+
+# `import telemetry`, `export telemetry`, `simulate` (they import this module's helpers lazily).
+from plantwatch.cli_telemetry import COMMANDS as _TELEMETRY_COMMANDS  # noqa: E402
+
+for _command in _TELEMETRY_COMMANDS:
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # `python -m plantwatch.cli`

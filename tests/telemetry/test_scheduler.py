@@ -76,3 +76,16 @@ async def test_only_one_scheduler_leads(container: Container) -> None:
             r.request_stop()
             await r.wait()
         await other.close()
+
+
+async def test_a_new_parameter_never_inherits_a_deleted_ones_data(
+    client: httpx.AsyncClient, container: Container, device_a: KeyedDevice
+) -> None:
+    await client.post("/api/v1/ingest", json={"values": {"old": 1.0}}, headers=device_a.headers)
+    url = f"/api/v1/devices/{device_a.id}/parameters"
+    [old] = (await client.get(url, headers=device_a.owner.headers)).json()["data"]
+    deleted = await client.delete(f"{url}/{old['id']}", headers=device_a.owner.headers)
+    assert deleted.status_code == 204
+    created = await client.post(url, json={"key": "new"}, headers=device_a.owner.headers)
+    assert created.status_code == 201, created.text
+    assert created.json()["data"]["id"] != old["id"]  # ids are never reused (series ids)

@@ -109,6 +109,9 @@ class DeviceParameter(Base):
     __table_args__ = (
         UniqueConstraint("device_id", "key"),
         Index("ix_device_parameters_factory_device", "factory_id", "device_id"),
+        # A parameter's id is its time series' id: SQLite must never hand a deleted
+        # parameter's id to a new one, or the new one would inherit old data.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

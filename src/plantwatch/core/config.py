@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     public_url: str | None = None
 
     mqtt_port: int = Field(default=1883, ge=0, le=65535)
+    # MQTT ingest (docs/mqtt.md). With mqtt_url (mqtt[s]://user:pass@host:port) the
+    # `ingest` role subscribes to that broker; without, it runs the embedded broker on
+    # mqtt_host (default: host) and mqtt_port (0 = any free port).
+    mqtt_url: SecretStr | None = None
+    mqtt_host: str | None = None
+    mqtt_max_in_flight: int = Field(default=2000, ge=1, le=65535)
+    mqtt_share_group: str = Field(default="plantwatch", max_length=64, pattern=r"^[\w.-]*$")
+    mqtt_client_id: str | None = Field(default=None, min_length=1, max_length=64)
+    mqtt_session_expiry_s: int = Field(default=300, ge=0, le=7 * 86400)
 
     access_token_ttl_s: int = Field(default=15 * 60, ge=60, le=30 * 60)
     refresh_token_ttl_s: int = Field(default=14 * 24 * 3600, ge=3600)

@@ -88,10 +88,20 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+WRITE_INTENT = "plantwatch_write_intent"
+
+
 def _sqlite_begin(conn: Any) -> None:
     # The sqlite3 module defers BEGIN to the first write, so a read followed by a
     # write in one transaction would not be isolated; we issue BEGIN ourselves.
-    conn.exec_driver_sql("BEGIN")
+    # ORM sessions (the API's unit of work: read, check, write) take the write lock
+    # at once with BEGIN IMMEDIATE, waiting on busy_timeout: a deferred transaction
+    # that read first fails outright ("database is locked") when it tries to write
+    # after another connection committed. Plain engine connections (telemetry reads
+    # and the ingest writer, which writes first) keep a deferred BEGIN, so readers
+    # still run beside the writer.
+    immediate = conn.get_execution_options().get(WRITE_INTENT, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
@@ -112,7 +122,9 @@ class Database:
     def __init__(self, url: str, **engine_kwargs: Any) -> None:
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
-        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.sessionmaker = async_sessionmaker(
+            self.engine.execution_options(**{WRITE_INTENT: True}), expire_on_commit=False
+        )
 
     @property
     def dialect(self) -> str:

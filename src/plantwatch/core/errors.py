@@ -84,6 +84,15 @@ class InvalidInput(Problem):
         )
 
 
+def invalid_body(problems: Sequence[tuple[str, str]]) -> Problem:
+    """422 for several problems at once; each path is a dotted path under `body`."""
+    errors = [
+        {"path": f"body.{path}", "message": msg, "type": "value_error"} for path, msg in problems
+    ]
+    detail = "; ".join(f"{e['path']}: {e['message']}" for e in errors[:5])
+    return Problem(detail, status=422, code="validation_error", errors=errors)
+
+
 def _dotted(loc: Sequence[str | int]) -> str:
     out = ""
     for part in loc:

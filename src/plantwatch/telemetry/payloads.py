@@ -61,6 +61,10 @@ class Reject:
     fragment: Any = None
 
 
+# metric -> (timestamps, values) in arrival order: the pipeline's form of the points.
+Columns = dict[str, tuple[list[int], list[float]]]
+
+
 @dataclass
 class Parsed:
     points: list[tuple[str, int, float]] = field(default_factory=list)
@@ -72,6 +76,35 @@ class Parsed:
     kinds: dict[str, str] = field(default_factory=dict)
     # Set when the message as a whole is unusable (nothing else is filled then).
     fatal: Reject | None = None
+    # Filled instead of `points` by `parse_columns`: the same points, per metric.
+    columns: Columns | None = None
+    # True when the accepted entries' timestamps strictly increase, so every column's
+    # timestamps do too (no duplicates inside the message, buckets are runs).
+    ordered: bool = True
+
+    @property
+    def point_count(self) -> int:
+        """Accepted samples (in `points` or `columns`) plus state values."""
+        if self.columns is None:
+            return len(self.points) + len(self.states)
+        return sum(len(ts) for ts, _ in self.columns.values()) + len(self.states)
+
+
+# Metric names that passed METRIC_NAME: devices send the same few names in every
+# message, so a set lookup replaces a regex match per point. Bounded: cleared when full.
+_VALID_NAMES: set[str] = set()
+_VALID_NAMES_MAX = 65_536
+
+
+def _valid_name(name: str) -> bool:
+    if name in _VALID_NAMES:
+        return True
+    if not METRIC_NAME.match(name):
+        return False
+    if len(_VALID_NAMES) >= _VALID_NAMES_MAX:
+        _VALID_NAMES.clear()
+    _VALID_NAMES.add(name)
+    return True
 
 
 def parse_timestamp(value: Any, *, millis: bool) -> int | None:
@@ -101,7 +134,21 @@ def parse_timestamp(value: Any, *, millis: bool) -> int | None:
 
 
 def parse(raw: bytes, now_ms: int, limits: Limits = Limits()) -> Parsed:
+    """Validate a message into `points` (one (metric, ts_ms, value) per sample, in order)."""
+    return _parse(raw, now_ms, limits, columns=False)
+
+
+def parse_columns(raw: bytes, now_ms: int, limits: Limits = Limits()) -> Parsed:
+    """As `parse`, with the accepted samples in `columns` (per metric, in arrival order)
+    instead of `points`: what the ingest pipeline stores, without a tuple per point.
+    Rejects, states and kinds are exactly those `parse` gives."""
+    return _parse(raw, now_ms, limits, columns=True)
+
+
+def _parse(raw: bytes, now_ms: int, limits: Limits, *, columns: bool) -> Parsed:
     result = Parsed()
+    if columns:
+        result.columns = {}
     if len(raw) > limits.max_bytes:
         result.fatal = Reject(
             PAYLOAD_TOO_LARGE, f"{len(raw)} bytes exceeds the limit of {limits.max_bytes}"
@@ -123,7 +170,10 @@ def parse(raw: bytes, now_ms: int, limits: Limits = Limits()) -> Parsed:
 
 
 def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -> None:
-    """Validate an already-decoded document into `result` (HTTP batches decode once)."""
+    """Validate an already-decoded document into `result` (HTTP batches decode once).
+
+    Samples go to `result.columns` when it is a dict, else to `result.points`.
+    """
     entries = document if isinstance(document, list) else [document]
     if not entries:
         result.fatal = Reject(INVALID_SHAPE, "empty array")
@@ -136,9 +186,14 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
     low = None if limits.max_past_ms is None else now_ms - limits.max_past_ms
     high = None if limits.max_future_ms is None else now_ms + limits.max_future_ms
     points = result.points
+    columns = result.columns
     states = result.states
     rejects = result.rejects
     kinds = result.kinds
+    valid_names = _VALID_NAMES
+    max_metrics = limits.max_metrics
+    previous_ts = -1
+    ordered = True
     for entry in entries:
         if not isinstance(entry, dict):
             rejects.append(Reject(INVALID_SHAPE, "entry is not an object", entry))
@@ -150,7 +205,10 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
         elif "values" in entry:
             metrics = entry["values"]
             raw_ts = entry.get("ts")
-            ts = now_ms if raw_ts is None else parse_timestamp(raw_ts, millis=True)
+            if type(raw_ts) is int and _EPOCH_MS_MIN <= raw_ts <= _EPOCH_MS_MAX:
+                ts = raw_ts  # the common case, without the general conversion
+            else:
+                ts = now_ms if raw_ts is None else parse_timestamp(raw_ts, millis=True)
         else:
             rejects.append(
                 Reject(
@@ -175,18 +233,33 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                 )
             )
             continue
-        if len(metrics) > limits.max_metrics:
+        if len(metrics) > max_metrics:
             rejects.append(
                 Reject(
                     TOO_MANY_METRICS,
-                    f"{len(metrics)} metrics exceed the limit of {limits.max_metrics}",
+                    f"{len(metrics)} metrics exceed the limit of {max_metrics}",
                     entry,
                 )
             )
             continue
+        if ts <= previous_ts:
+            ordered = False
+        previous_ts = ts
         for name, value in metrics.items():
             value_type = type(value)
-            if value_type is float or value_type is int:
+            if value_type is float:
+                # x - x is 0.0 for every finite float and NaN for NaN and the infinities.
+                if value - value != 0.0:
+                    rejects.append(
+                        Reject(
+                            NON_FINITE_VALUE,
+                            f"{name}: {value!r} is not finite",
+                            {"ts": ts, "values": {name: value}},
+                        )
+                    )
+                    continue
+                number = value
+            elif value_type is int:
                 try:
                     number = float(value)
                 except OverflowError:
@@ -203,7 +276,7 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
             elif value_type is bool:
                 number = 1.0 if value else 0.0
             elif value_type is str:
-                if not METRIC_NAME.match(name):
+                if not _valid_name(name):
                     rejects.append(
                         Reject(
                             INVALID_METRIC_NAME,
@@ -233,7 +306,7 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                     )
                 )
                 continue
-            if not METRIC_NAME.match(name):
+            if name not in valid_names and not _valid_name(name):
                 rejects.append(
                     Reject(
                         INVALID_METRIC_NAME,
@@ -244,4 +317,12 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                 continue
             if value_type is not float and name not in kinds:
                 kinds[name] = "bool" if value_type is bool else "int"
-            points.append((name, ts, number))
+            if columns is None:
+                points.append((name, ts, number))
+            else:
+                column = columns.get(name)
+                if column is None:
+                    column = columns[name] = ([], [])
+                column[0].append(ts)
+                column[1].append(number)
+    result.ordered = ordered

@@ -7,6 +7,15 @@ task per process commits whatever has queued as a single transaction
 batches grow up to `max_batch_points`), and only then resolves each caller's
 future — so an HTTP 200 or an MQTT PUBACK always means "on disk". Rejected
 points and messages become dead letters in the same transaction.
+
+Per-point work happens in the callers, while the writer waits on the previous
+commit: a message is parsed into columns (per metric, timestamps in order), and
+when its series are known and its timestamps increase, the caller also computes
+its 1m/1h rollup aggregates (from sorted runs, with C-level sum/min/max) and its
+latest values. The writer then merges per-series pieces, not points, and stores
+them with a few statements a batch. Anything irregular (timestamps out of order
+within a message, or across messages of one batch for a series; points already
+stored) takes the exact general path of `store.write_points`.
 """
 
 from __future__ import annotations
@@ -15,13 +24,16 @@ import asyncio
 import contextlib
 import json
 import time
+from bisect import bisect_left
+from collections import Counter as Tally
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import structlog
 from prometheus_client import Counter, Histogram
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -33,6 +45,7 @@ from plantwatch.core.jsonutil import dumps
 from plantwatch.telemetry import payloads, store
 from plantwatch.telemetry.models import DeadLetter
 from plantwatch.telemetry.partitions import DAY_MS, Partitions
+from plantwatch.telemetry.rollups import HOUR_MS, MINUTE_MS, Agg, merge
 
 log = structlog.get_logger("plantwatch.ingest")
 
@@ -64,6 +77,25 @@ class IngestOutcome:
     rejects: list[payloads.Reject] = field(default_factory=list)
 
 
+class _Prepared:
+    """A message's points ready to store: per series (id, timestamps, values) with
+    strictly increasing timestamps, their rollup aggregates, and latest values."""
+
+    __slots__ = ("hour", "latest", "minute", "series")
+
+    def __init__(
+        self,
+        series: list[tuple[int, list[int], list[float]]],
+        minute: dict[tuple[int, int], Agg],
+        hour: dict[tuple[int, int], Agg],
+        latest: dict[int, store.LatestValues],
+    ) -> None:
+        self.series = series
+        self.minute = minute
+        self.hour = hour
+        self.latest = latest
+
+
 @dataclass
 class _Job:
     device: DeviceRef | None
@@ -79,10 +111,51 @@ class _Job:
     future: asyncio.Future[IngestOutcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    prepared: _Prepared | None = None
+    point_count: int = 1
 
-    @property
-    def point_count(self) -> int:
-        return len(self.parsed.points) + len(self.parsed.states) if self.parsed else 1
+
+def _runs(
+    series_id: int,
+    stamps: list[int],
+    values: list[float],
+    bucket_ms: int,
+    out: dict[tuple[int, int], Agg],
+) -> None:
+    """Aggregates per bucket of one series' points, timestamps strictly increasing:
+    each bucket is a contiguous run, summarised by C-level sum/min/max over a slice."""
+    first = stamps[0]
+    bucket = first - first % bucket_ms
+    last = stamps[-1]
+    if last < bucket + bucket_ms:  # one bucket: the usual case for small messages
+        out[(series_id, bucket)] = [
+            len(stamps),
+            sum(values),
+            min(values),
+            max(values),
+            first,
+            values[0],
+            last,
+            values[-1],
+        ]
+        return
+    start, count = 0, len(stamps)
+    while start < count:
+        ts = stamps[start]
+        bucket = ts - ts % bucket_ms
+        end = bisect_left(stamps, bucket + bucket_ms, start)
+        run = values[start:end]
+        out[(series_id, bucket)] = [
+            end - start,
+            sum(run),
+            min(run),
+            max(run),
+            ts,
+            run[0],
+            stamps[end - 1],
+            run[-1],
+        ]
+        start = end
 
 
 class IngestPipeline:
@@ -150,7 +223,7 @@ class IngestPipeline:
         `record_rejects=False` (replays) reports rejects without storing new dead letters.
         """
         now_ms = int(time.time() * 1000)
-        parsed = payloads.parse(raw, now_ms, limits or self.limits)
+        parsed = payloads.parse_columns(raw, now_ms, limits or self.limits)
         job = _Job(
             device,
             device.factory_id,
@@ -162,8 +235,39 @@ class IngestPipeline:
             fatal=parsed.fatal,
             device_key=device.device_key,
             record_rejects=record_rejects,
+            point_count=parsed.point_count if parsed.fatal is None else 1,
         )
+        if parsed.fatal is None and parsed.ordered:
+            # Done here, while the writer waits on the previous commit. None when a
+            # series is new: the writer creates it, then prepares the message.
+            job.prepared = self._prepare(device, parsed)
         return await self._submit(job)
+
+    def _prepare(self, device: DeviceRef, parsed: payloads.Parsed) -> _Prepared | None:
+        """Rows, rollup aggregates and latest values of an ordered message."""
+        known = self._series
+        did, fid = device.device_id, device.factory_id
+        series: list[tuple[int, list[int], list[float]]] = []
+        minute: dict[tuple[int, int], Agg] = {}
+        hour: dict[tuple[int, int], Agg] = {}
+        latest: dict[int, store.LatestValues] = {}
+        assert parsed.columns is not None
+        for name, (stamps, values) in parsed.columns.items():
+            sid = known.get((did, name))
+            if sid is None:
+                return None
+            series.append((sid, stamps, values))
+            _runs(sid, stamps, values, MINUTE_MS, minute)
+            _runs(sid, stamps, values, HOUR_MS, hour)
+            latest[sid] = (sid, fid, did, stamps[-1], values[-1], None)
+        for name, (ts, text) in parsed.states.items():
+            sid = known.get((did, name))
+            if sid is None:
+                return None
+            current = latest.get(sid)
+            if current is None or ts >= current[3]:
+                latest[sid] = (sid, fid, did, ts, None, text)
+        return _Prepared(series, minute, hour, latest)
 
     async def dead_letter(
         self,
@@ -238,71 +342,147 @@ class IngestPipeline:
 
     async def _flush(self, jobs: list[_Job]) -> tuple[list[IngestOutcome], list[DeviceRef]]:
         outcomes = [IngestOutcome() for _ in jobs]
-        rows: list[tuple[int, int, float]] = []
-        latest: dict[int, store.LatestRow] = {}
         dead: list[dict[str, Any]] = []
         seen: dict[int, tuple[DeviceRef, int]] = {}
-        min_ts = max_ts = None
+        latest: dict[int, store.LatestValues] = {}
+        accepted: Tally[str] = Tally()
+        rejected: Tally[tuple[str, str]] = Tally()
 
-        async with self.db.engine.begin() as conn:
-            await self._resolve_series(conn, jobs)
+        unprepared = [
+            job
+            for job in jobs
+            if job.prepared is None
+            and job.fatal is None
+            and job.parsed is not None
+            and job.device is not None
+        ]
+        if unprepared:
+            await self._resolve_series(unprepared)
+            for job in unprepared:
+                assert job.parsed is not None and job.device is not None
+                if job.parsed.ordered:
+                    job.prepared = self._prepare(job.device, job.parsed)
 
+        # The fast path needs every message prepared and, per series, each message's
+        # points after the previous message's: then no two points in the batch share a
+        # (series, ts) and the messages' aggregates merge exactly.
+        fast = True
+        last_ts: dict[int, int] = {}
         for job, outcome in zip(jobs, outcomes, strict=True):
             if job.fatal is not None:
                 if job.record_rejects:
                     dead.append(self._dead_row(job, job.fatal, job.raw))
                 outcome.rejects.append(job.fatal)
+                rejected[(job.source, job.fatal.reason)] += 1
                 continue
             parsed = job.parsed
             device = job.device
             if parsed is None or device is None:
                 continue
-            series = self._series
-            did = device.device_id
-            for name, ts, value in parsed.points:
-                sid = series[(did, name)]
-                rows.append((sid, ts, value))
+            prepared = job.prepared
+            if prepared is None:
+                fast = False
+                job_latest = self._latest_of(device, parsed)
+            else:
+                job_latest = prepared.latest
+                if fast:
+                    for sid, run, _ in prepared.series:
+                        previous = last_ts.get(sid)
+                        if previous is not None and run[0] <= previous:
+                            fast = False
+                            break
+                        last_ts[sid] = run[-1]
+            for sid, row in job_latest.items():
                 current = latest.get(sid)
-                if current is None or ts >= current.ts:
-                    latest[sid] = store.LatestRow(sid, device.factory_id, did, ts, value, None)
-            for name, (ts, text) in parsed.states.items():
-                sid = series[(did, name)]
-                current = latest.get(sid)
-                if current is None or ts >= current.ts:
-                    latest[sid] = store.LatestRow(sid, device.factory_id, did, ts, None, text)
-            if parsed.points:
-                lo = min(p[1] for p in parsed.points)
-                hi = max(p[1] for p in parsed.points)
-                min_ts = lo if min_ts is None else min(min_ts, lo)
-                max_ts = hi if max_ts is None else max(max_ts, hi)
+                if current is None or row[3] >= current[3]:
+                    latest[sid] = row
             if job.record_rejects:
                 for reject in parsed.rejects:
                     dead.append(self._dead_row(job, reject, _fragment_bytes(reject.fragment)))
-            outcome.accepted = len(parsed.points) + len(parsed.states)
+            for reject in parsed.rejects:
+                rejected[(job.source, reject.reason)] += 1
+            outcome.accepted = job.point_count
             outcome.rejects = parsed.rejects
-            seen[did] = (device, job.received_ms)
+            accepted[job.source] += job.point_count
+            seen[device.device_id] = (device, job.received_ms)
 
-        if rows and min_ts is not None and max_ts is not None:
-            await self.partitions.ensure(
-                (min_ts, max_ts) if max_ts - min_ts <= DAY_MS else (r[1] for r in rows)
-            )
+        series: list[int] = []
+        stamps: list[int] = []
+        values: list[float] = []
+        minute: dict[tuple[int, int], Agg] = {}
+        hour: dict[tuple[int, int], Agg] = {}
+        rows: list[tuple[int, int, float]] = []
+        days: set[int] = set()
+        if fast:
+            for job in jobs:
+                prepared = job.prepared
+                if prepared is None or job.fatal is not None:
+                    continue
+                for sid, job_stamps, job_values in prepared.series:
+                    series.extend(repeat(sid, len(job_stamps)))
+                    stamps.extend(job_stamps)
+                    values.extend(job_values)
+                    first, last = job_stamps[0], job_stamps[-1]
+                    days.update(range(first - first % DAY_MS, last + 1, DAY_MS))
+                for aggs, into in ((prepared.minute, minute), (prepared.hour, hour)):
+                    for key, agg in aggs.items():
+                        existing = into.get(key)
+                        if existing is None:
+                            into[key] = agg
+                        else:
+                            merge(existing, agg)
+        else:
+            for job in jobs:
+                if job.fatal is not None or job.parsed is None or job.device is None:
+                    continue
+                assert job.parsed.columns is not None
+                did = job.device.device_id
+                for name, (job_stamps, job_values) in job.parsed.columns.items():
+                    sid = self._series[(did, name)]
+                    rows.extend(zip(repeat(sid), job_stamps, job_values))
+            days = {ts - ts % DAY_MS for _, ts, _ in rows}
+        if days:
+            await self.partitions.ensure(days)
 
         came_online: list[DeviceRef] = []
         async with self.db.engine.begin() as conn:
-            if rows:
+            if series:
+                await store.write_distinct_points(conn, series, stamps, values, minute, hour)
+            elif rows:
                 await store.write_points(conn, rows)
             if latest:
-                await store.write_latest(conn, list(latest.values()))
+                await store.write_latest_values(conn, list(latest.values()))
             came_online = await self._touch_devices(conn, seen)
             if dead:
                 await conn.execute(insert(DeadLetter), dead)
 
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            if outcome.accepted:
-                POINTS.labels(job.source).inc(outcome.accepted)
-            for reject in outcome.rejects:
-                REJECTS.labels(job.source, reject.reason).inc()
+        for source, count in accepted.items():
+            POINTS.labels(source).inc(count)
+        for (source, reason), count in rejected.items():
+            REJECTS.labels(source, reason).inc(count)
         return outcomes, came_online
+
+    def _latest_of(
+        self, device: DeviceRef, parsed: payloads.Parsed
+    ) -> dict[int, store.LatestValues]:
+        """Latest value per series of a message in any order (the newest timestamp; on a
+        tie the later sample, and a state after the numbers)."""
+        did, fid = device.device_id, device.factory_id
+        latest: dict[int, store.LatestValues] = {}
+        assert parsed.columns is not None
+        for name, (stamps, values) in parsed.columns.items():
+            best = 0
+            for i in range(1, len(stamps)):
+                if stamps[i] >= stamps[best]:
+                    best = i
+            sid = self._series[(did, name)]
+            latest[sid] = (sid, fid, did, stamps[best], values[best], None)
+        for name, (ts, text) in parsed.states.items():
+            sid = self._series[(did, name)]
+            current = latest.get(sid)
+            if current is None or ts >= current[3]:
+                latest[sid] = (sid, fid, did, ts, None, text)
+        return latest
 
     def _dead_row(self, job: _Job, reject: payloads.Reject, payload: bytes) -> dict[str, Any]:
         return {
@@ -320,19 +500,23 @@ class IngestPipeline:
             "received_at": utcnow(),
         }
 
-    async def _resolve_series(self, conn: AsyncConnection, jobs: Iterable[_Job]) -> None:
-        """Map every (device, metric) in the batch to a series id, creating new parameters."""
+    async def _resolve_series(self, jobs: Iterable[_Job]) -> None:
+        """Map every (device, metric) in these jobs to a series id, creating new parameters
+        (in a transaction of their own, so cached ids always exist)."""
+        known = self._series
         missing: dict[tuple[int, str], tuple[int, str]] = {}
         for job in jobs:
-            if job.parsed is None or job.device is None or job.fatal is not None:
+            parsed = job.parsed
+            if parsed is None or job.device is None or job.fatal is not None:
                 continue
             did = job.device.device_id
             fid = job.device.factory_id
-            for name, _, _ in job.parsed.points:
-                if (did, name) not in self._series and (did, name) not in missing:
-                    missing[(did, name)] = (fid, job.parsed.kinds.get(name, "float"))
-            for name in job.parsed.states:
-                if (did, name) not in self._series:
+            assert parsed.columns is not None
+            for name in parsed.columns:
+                if (did, name) not in known and (did, name) not in missing:
+                    missing[(did, name)] = (fid, parsed.kinds.get(name, "float"))
+            for name in parsed.states:
+                if (did, name) not in known:
                     missing[(did, name)] = (fid, "string")
         if not missing:
             return
@@ -350,19 +534,22 @@ class IngestPipeline:
             }
             for (did, key), (fid, kind) in missing.items()
         ]
-        insert_fn = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        await conn.execute(
-            insert_fn(DeviceParameter).on_conflict_do_nothing(index_elements=["device_id", "key"]),
-            values,
-        )
-        device_ids = {did for did, _ in missing}
-        result = await conn.execute(
-            select(DeviceParameter.device_id, DeviceParameter.key, DeviceParameter.id).where(
-                DeviceParameter.device_id.in_(device_ids)
+        async with self.db.engine.begin() as conn:
+            insert_fn = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            await conn.execute(
+                insert_fn(DeviceParameter).on_conflict_do_nothing(
+                    index_elements=["device_id", "key"]
+                ),
+                values,
             )
-        )
-        for did, key, sid in result:
-            self._series[(did, key)] = sid
+            device_ids = {did for did, _ in missing}
+            result = await conn.execute(
+                select(DeviceParameter.device_id, DeviceParameter.key, DeviceParameter.id).where(
+                    DeviceParameter.device_id.in_(device_ids)
+                )
+            )
+            for did, key, sid in result:
+                known[(did, key)] = sid
 
     async def _touch_devices(
         self, conn: AsyncConnection, seen: dict[int, tuple[DeviceRef, int]]
@@ -390,12 +577,8 @@ class IngestPipeline:
             if received_ms - self._last_seen_persisted.get(did, 0) >= LAST_SEEN_PERSIST_MS
         ]
         if stale:
-            await conn.execute(
-                update(Device)
-                .where(Device.id == bindparam("b_id"))
-                .values(last_seen=bindparam("b_seen")),
-                [{"b_id": did, "b_seen": now} for did in stale],
-            )
+            # One statement, not one per device: they all get the same time.
+            await conn.execute(update(Device).where(Device.id.in_(stale)).values(last_seen=now))
             for did in stale:
                 self._last_seen_persisted[did] = seen[did][1]
         return came_online

@@ -3,9 +3,11 @@ dead letters (list, replay)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,22 @@ class DeviceDirectory:
         self._by_digest: dict[str, tuple[float, DeviceRef | None]] = {}
         self._by_topic: dict[tuple[str, str], tuple[float, DeviceRef | None]] = {}
         self._factories: dict[str, tuple[float, FactoryRef | None]] = {}
+        # entry -> [lock, users]: concurrent misses of one entry wait for the first query
+        # instead of each querying (an expiring entry under load would otherwise send
+        # every message in flight to the database at once).
+        self._loads: dict[tuple[str, ...], list[Any]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _loading(self, entry: tuple[str, ...]) -> AsyncIterator[None]:
+        slot = self._loads.setdefault(entry, [asyncio.Lock(), 0])
+        slot[1] += 1
+        try:
+            async with slot[0]:
+                yield
+        finally:
+            slot[1] -= 1
+            if not slot[1]:
+                del self._loads[entry]
 
     def invalidate(self) -> None:
         self._by_digest.clear()
@@ -71,38 +89,46 @@ class DeviceDirectory:
         hit = self._by_digest.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
-        async with self.db.session() as session:
-            row = (
-                await session.execute(
-                    select(Device.factory_id, Device.id, Device.device_key)
-                    .join(DeviceKey, DeviceKey.device_id == Device.id)
-                    .where(
-                        DeviceKey.key_hash == digest,
-                        DeviceKey.revoked_at.is_(None),
-                        Device.is_active.is_(True),
+        async with self._loading(("key", digest)):
+            hit = self._by_digest.get(digest)
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]
+            async with self.db.session() as session:
+                row = (
+                    await session.execute(
+                        select(Device.factory_id, Device.id, Device.device_key)
+                        .join(DeviceKey, DeviceKey.device_id == Device.id)
+                        .where(
+                            DeviceKey.key_hash == digest,
+                            DeviceKey.revoked_at.is_(None),
+                            Device.is_active.is_(True),
+                        )
                     )
-                )
-            ).first()
-        ref = DeviceRef(row[0], row[1], row[2]) if row else None
-        self._by_digest[digest] = (now + self.ttl_s, ref)
-        return ref
+                ).first()
+            ref = DeviceRef(row[0], row[1], row[2]) if row else None
+            self._by_digest[digest] = (now + self.ttl_s, ref)
+            return ref
 
     async def factory(self, slug: str) -> FactoryRef | None:
         now = time.monotonic()
         hit = self._factories.get(slug)
         if hit is not None and hit[0] > now:
             return hit[1]
-        async with self.db.session() as session:
-            row = (
-                await session.execute(
-                    select(Factory.id, Factory.slug, Factory.auto_register_devices).where(
-                        Factory.slug == slug
+        async with self._loading(("factory", slug)):
+            hit = self._factories.get(slug)
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]
+            async with self.db.session() as session:
+                row = (
+                    await session.execute(
+                        select(Factory.id, Factory.slug, Factory.auto_register_devices).where(
+                            Factory.slug == slug
+                        )
                     )
-                )
-            ).first()
-        ref = FactoryRef(row[0], row[1], row[2]) if row else None
-        self._factories[slug] = (now + self.ttl_s, ref)
-        return ref
+                ).first()
+            ref = FactoryRef(row[0], row[1], row[2]) if row else None
+            self._factories[slug] = (now + self.ttl_s, ref)
+            return ref
 
     async def by_topic(self, factory: FactoryRef, device_key: str) -> DeviceRef | None:
         """The active device `device_key` of this factory, or None."""
@@ -110,17 +136,21 @@ class DeviceDirectory:
         hit = self._by_topic.get((factory.slug, device_key))
         if hit is not None and hit[0] > now:
             return hit[1]
-        async with self.db.session() as session:
-            row = (
-                await session.execute(
-                    select(Device.id, Device.is_active).where(
-                        Device.factory_id == factory.factory_id, Device.device_key == device_key
+        async with self._loading(("topic", factory.slug, device_key)):
+            hit = self._by_topic.get((factory.slug, device_key))
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]
+            async with self.db.session() as session:
+                row = (
+                    await session.execute(
+                        select(Device.id, Device.is_active).where(
+                            Device.factory_id == factory.factory_id, Device.device_key == device_key
+                        )
                     )
-                )
-            ).first()
-        ref = DeviceRef(factory.factory_id, row[0], device_key) if row and row[1] else None
-        self._by_topic[(factory.slug, device_key)] = (now + self.ttl_s, ref)
-        return ref
+                ).first()
+            ref = DeviceRef(factory.factory_id, row[0], device_key) if row and row[1] else None
+            self._by_topic[(factory.slug, device_key)] = (now + self.ttl_s, ref)
+            return ref
 
     async def register(self, factory: FactoryRef, device_key: str) -> DeviceRef:
         """Auto-register a device seen for the first time (when the factory allows it)."""

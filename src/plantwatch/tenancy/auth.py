@@ -107,6 +107,9 @@ async def current_principal(
         ip=client_ip(request),
     )
     request.state.principal = principal
+    # End the lookup's transaction: on SQLite it holds the write lock, which the
+    # handler must not keep while it awaits other work.
+    await session.commit()
     return principal
 
 

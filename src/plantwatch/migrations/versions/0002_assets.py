@@ -232,6 +232,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_device_parameters")),
         sa.UniqueConstraint("device_id", "key", name=op.f("uq_device_parameters_device_id_key")),
+        sqlite_autoincrement=True,
     )
     op.create_index(
         "ix_device_parameters_factory_device",

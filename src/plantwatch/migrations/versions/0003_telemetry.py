@@ -38,21 +38,21 @@ def _rollup(name: str) -> None:
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("factories") as batch:
-        batch.add_column(
-            sa.Column(
-                "auto_register_devices", sa.Boolean(), server_default=sa.false(), nullable=False
-            )
-        )
-        batch.add_column(
-            sa.Column("offline_after_s", sa.Integer(), server_default="300", nullable=False)
-        )
-    with op.batch_alter_table("devices") as batch:
-        batch.add_column(sa.Column("offline_after_s", sa.Integer(), nullable=True))
-    with op.batch_alter_table("device_parameters") as batch:
-        batch.add_column(
-            sa.Column("is_power", sa.Boolean(), server_default=sa.false(), nullable=False)
-        )
+    # Plain ADD COLUMN (SQLite supports it): a batch copy would rebuild the tables and
+    # lose device_parameters' AUTOINCREMENT.
+    op.add_column(
+        "factories",
+        sa.Column("auto_register_devices", sa.Boolean(), server_default=sa.false(), nullable=False),
+    )
+    op.add_column(
+        "factories",
+        sa.Column("offline_after_s", sa.Integer(), server_default="300", nullable=False),
+    )
+    op.add_column("devices", sa.Column("offline_after_s", sa.Integer(), nullable=True))
+    op.add_column(
+        "device_parameters",
+        sa.Column("is_power", sa.Boolean(), server_default=sa.false(), nullable=False),
+    )
     # On PostgreSQL the raw table is partitioned by time; partitions are created
     # ahead (and on demand for backfills) by plantwatch.telemetry.partitions.
     op.create_table(
@@ -128,7 +128,9 @@ def downgrade() -> None:
     op.drop_table("telemetry_1m")
     # Dropping the partitioned parent drops its partitions with it.
     op.drop_table("telemetry_raw")
-    with op.batch_alter_table("device_parameters") as batch:
+    with op.batch_alter_table(
+        "device_parameters", table_kwargs={"sqlite_autoincrement": True}
+    ) as batch:
         batch.drop_column("is_power")
     with op.batch_alter_table("devices") as batch:
         batch.drop_column("offline_after_s")

@@ -1,0 +1,653 @@
+"""KPI services: live values of a device, history for charts, factory-wide latest
+values for dashboards, and energy (current power, energy today).
+
+Every function takes the factory from the caller and answers only for that
+factory's devices; another factory's device is `device_not_found`.
+
+Latest values always come from `series_latest`, so any process sees what any
+ingest process wrote. What changes rarely — which device and parameter a
+series is, its unit, limits and offline limit — is cached per factory for a
+few seconds (`SeriesDirectory`), so the dashboard query reads one narrow table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, TypedDict, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from plantwatch.assets.models import Device, DeviceParameter
+from plantwatch.core.db import utcnow
+from plantwatch.core.errors import NotFound, Problem
+from plantwatch.telemetry import queries
+from plantwatch.telemetry.models import series_latest
+from plantwatch.telemetry.rollups import HOUR_MS
+from plantwatch.telemetry.schemas import (
+    DeviceEnergyDetailOut,
+    DeviceEnergyOut,
+    EnergyParameterOut,
+    EnergySummaryOut,
+    HistorySeriesOut,
+    KpiHistoryOut,
+    KpiValueOut,
+    Level,
+    LiveKpisOut,
+)
+from plantwatch.tenancy.models import Factory
+
+INTERVALS = ("raw", *queries.NAMED_INTERVALS, "auto")
+DEFAULT_HISTORY_SPAN = dt.timedelta(hours=24)
+MAX_HISTORY_PARAMETERS = 20
+# Power units and their factor to kW. Anything else is reported but not counted.
+POWER_UNITS_KW = {"W": 0.001, "w": 0.001, "kW": 1.0, "KW": 1.0, "kw": 1.0, "MW": 1000.0}
+MS_PER_HOUR = 3_600_000
+
+
+def query_error(name: str, message: str, code: str = "validation_error") -> Problem:
+    """A 422 naming a query parameter, shaped like FastAPI's own validation errors."""
+    return Problem(
+        message,
+        status=422,
+        code=code,
+        errors=[{"path": f"query.{name}", "message": message, "type": "value_error"}],
+    )
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_ONE_MS = dt.timedelta(milliseconds=1)
+
+
+def _ms(value: dt.datetime) -> int:
+    """Epoch milliseconds, exactly (float seconds would round 10:00:00.123 to .122)."""
+    return (value - _EPOCH) // _ONE_MS
+
+
+def _dt(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+
+
+def level_of(
+    value: float | None,
+    warning_low: float | None,
+    warning_high: float | None,
+    critical_low: float | None,
+    critical_high: float | None,
+) -> Level | None:
+    """ok / warning / critical: a value at or beyond a limit is in that band.
+    None without a value or without any limit."""
+    if value is None or (
+        warning_low is None
+        and warning_high is None
+        and critical_low is None
+        and critical_high is None
+    ):
+        return None
+    if (critical_high is not None and value >= critical_high) or (
+        critical_low is not None and value <= critical_low
+    ):
+        return "critical"
+    if (warning_high is not None and value >= warning_high) or (
+        warning_low is not None and value <= warning_low
+    ):
+        return "warning"
+    return "ok"
+
+
+def is_stale(ts: int | None, now_ms: int, offline_after_s: int) -> bool:
+    """No value, or a value at least the offline limit old (the same rule that marks
+    the device offline)."""
+    return ts is None or now_ms - ts >= offline_after_s * 1000
+
+
+async def _device(
+    session: AsyncSession, factory_id: int, device_id: int
+) -> tuple[Device, int, str]:
+    """The device, its offline limit in seconds and the factory's timezone; 404 otherwise."""
+    row = (
+        await session.execute(
+            select(Device, Factory.offline_after_s, Factory.timezone)
+            .join(Factory, Factory.id == Device.factory_id)
+            .where(Device.id == device_id, Device.factory_id == factory_id)
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"no device {device_id}", code="device_not_found")
+    device, factory_limit, timezone = row
+    return device, device.offline_after_s or factory_limit, timezone
+
+
+# --- live KPIs of one device --------------------------------------------------------------
+
+
+async def live_kpis(
+    session: AsyncSession,
+    factory_id: int,
+    device_id: int,
+    *,
+    kpi_only: bool = False,
+    now: dt.datetime | None = None,
+) -> LiveKpisOut:
+    """Every parameter of the device with its latest value (KPIs first, then by key)."""
+    now = now or utcnow()
+    now_ms = _ms(now)
+    device, offline_after_s, _ = await _device(session, factory_id, device_id)
+    stmt = select(DeviceParameter).where(
+        DeviceParameter.device_id == device.id, DeviceParameter.factory_id == factory_id
+    )
+    if kpi_only:
+        stmt = stmt.where(DeviceParameter.is_kpi.is_(True))
+    parameters = (
+        await session.scalars(stmt.order_by(DeviceParameter.is_kpi.desc(), DeviceParameter.key))
+    ).all()
+    latest = {
+        row[0]: row[1:]
+        for row in (
+            await session.execute(
+                select(
+                    series_latest.c.series_id,
+                    series_latest.c.ts,
+                    series_latest.c.value,
+                    series_latest.c.text,
+                ).where(
+                    series_latest.c.factory_id == factory_id,
+                    series_latest.c.device_id == device.id,
+                )
+            )
+        ).all()
+    }
+    kpis: list[KpiValueOut] = []
+    for p in parameters:
+        ts, value, text = latest.get(p.id, (None, None, None))
+        kpis.append(
+            KpiValueOut(
+                parameter_id=p.id,
+                key=p.key,
+                display_name=p.display_name,
+                unit=p.unit,
+                data_type=p.data_type,
+                is_kpi=p.is_kpi,
+                value=value,
+                text=text,
+                ts=_dt(ts) if ts is not None else None,
+                stale=is_stale(ts, now_ms, offline_after_s),
+                level=level_of(
+                    value, p.warning_low, p.warning_high, p.critical_low, p.critical_high
+                ),
+                warning_low=p.warning_low,
+                warning_high=p.warning_high,
+                critical_low=p.critical_low,
+                critical_high=p.critical_high,
+            )
+        )
+    return LiveKpisOut(
+        device_id=device.id,
+        device_key=device.device_key,
+        name=device.name,
+        status=device.status,
+        last_seen=device.last_seen,
+        offline_after_s=offline_after_s,
+        timestamp=now,
+        kpis=kpis,
+    )
+
+
+# --- history ------------------------------------------------------------------------------
+
+
+def resolve_interval(interval: str, start_ms: int, end_ms: int, points: int) -> int | None:
+    """The step in ms for an interval name (None = raw points); `auto` aims at `points`."""
+    if interval == "raw":
+        return None
+    if interval == "auto":
+        return queries.choose_interval(start_ms, end_ms, points)
+    step = queries.NAMED_INTERVALS.get(interval)
+    if step is None:
+        raise query_error("interval", f"unknown interval '{interval}'; one of {INTERVALS}")
+    return step
+
+
+def history_range(
+    start: dt.datetime | None, end: dt.datetime | None, now: dt.datetime | None = None
+) -> tuple[dt.datetime, dt.datetime]:
+    """Defaults: the 24 hours up to `end` (itself defaulting to now)."""
+    if end is None:
+        end = now or utcnow()
+    if start is None:
+        start = end - DEFAULT_HISTORY_SPAN
+    if start.tzinfo is None or end.tzinfo is None:
+        raise query_error("start", "start and end need a timezone (e.g. Z or +01:00)")
+    if end <= start:
+        raise query_error("end", "end must be after start")
+    return start, end
+
+
+async def kpi_history(
+    session: AsyncSession,
+    factory_id: int,
+    device_id: int,
+    parameters: Sequence[str],
+    *,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+    interval: str = "auto",
+    agg: str = "avg",
+    points: int = 500,
+    now: dt.datetime | None = None,
+) -> KpiHistoryOut:
+    """History of some parameters of one device, from the coarsest exact tiers."""
+    if agg not in queries.AGGREGATES:
+        raise query_error("agg", f"unknown aggregate '{agg}'; one of {queries.AGGREGATES}")
+    keys = list(dict.fromkeys(k.strip() for k in parameters if k.strip()))
+    if not keys:
+        raise query_error("parameters", "name at least one parameter")
+    if len(keys) > MAX_HISTORY_PARAMETERS:
+        raise query_error("parameters", f"at most {MAX_HISTORY_PARAMETERS} parameters")
+    start, end = history_range(start, end, now)
+    device, _, _ = await _device(session, factory_id, device_id)
+    found = {
+        p.key: p
+        for p in (
+            await session.scalars(
+                select(DeviceParameter).where(
+                    DeviceParameter.device_id == device.id,
+                    DeviceParameter.factory_id == factory_id,
+                    DeviceParameter.key.in_(keys),
+                )
+            )
+        ).all()
+    }
+    unknown = [k for k in keys if k not in found]
+    if unknown:
+        raise query_error(
+            "parameters",
+            f"device {device.id} has no parameter {', '.join(repr(k) for k in unknown)}",
+        )
+    start_ms, end_ms = _ms(start), _ms(end)
+    step = resolve_interval(interval, start_ms, end_ms, points)
+    conn = await session.connection()
+    try:
+        result = await queries.history_many(
+            conn, [found[k].id for k in keys], start_ms, end_ms, step, agg
+        )
+    except queries.QueryTooLarge as exc:
+        raise query_error("interval", str(exc), code="query_too_large") from exc
+    return KpiHistoryOut(
+        device_id=device.id,
+        start=start,
+        end=end,
+        interval=queries.interval_label(step),
+        interval_ms=step,
+        agg=agg if step is not None else None,
+        tiers=result.tiers,
+        parameters=[
+            HistorySeriesOut.model_construct(
+                parameter_id=found[k].id,
+                key=k,
+                display_name=found[k].display_name,
+                unit=found[k].unit,
+                points=result.series[found[k].id],
+            )
+            for k in keys
+        ],
+    )
+
+
+# --- the series directory (cached metadata) -------------------------------------------------
+
+
+@dataclass(slots=True)
+class SeriesInfo:
+    """What a series is (treat as read-only; not frozen, which would make the 10,000
+    constructions of a directory load several times slower)."""
+
+    series_id: int
+    device_id: int
+    key: str
+    is_kpi: bool
+    is_power: bool
+    limits: tuple[float | None, float | None, float | None, float | None] | None
+    offline_after_ms: int
+    rank: int  # position in the dashboard order: device, KPIs first, then key
+    # The fields of a latest-value row that don't change with the value.
+    static: dict[str, Any]
+
+
+@dataclass
+class _FactorySeries:
+    by_id: dict[int, SeriesInfo]
+    max_id: int
+    loaded_at: float
+
+
+class SeriesDirectory:
+    """Per-factory metadata of every series, reloaded after `ttl_s`, or at once when a
+    series newer than any seen at the last load appears (a parameter just discovered
+    by ingest: its row is committed before its first latest value).
+
+    Names, units, limits and offline limits changed through the API (in any
+    process) show within `ttl_s`; values are never cached here.
+    """
+
+    def __init__(self, ttl_s: float = 5.0) -> None:
+        self.ttl_s = ttl_s
+        self._factories: dict[int, _FactorySeries] = {}
+
+    def invalidate(self, factory_id: int | None = None) -> None:
+        if factory_id is None:
+            self._factories.clear()
+        else:
+            self._factories.pop(factory_id, None)
+
+    async def get(
+        self, conn: AsyncConnection, factory_id: int, *, newest_seen: int = 0
+    ) -> tuple[dict[int, SeriesInfo], int]:
+        """The factory's series and the highest series id accounted for.
+
+        `newest_seen` is the highest series id the caller holds a value for. A
+        missing id at or below the mark belongs to a deleted parameter and never
+        forces a reload; one above it is new and does.
+        """
+        now = time.monotonic()
+        entry = self._factories.get(factory_id)
+        if entry is not None and now - entry.loaded_at < self.ttl_s and newest_seen <= entry.max_id:
+            return entry.by_id, entry.max_id
+        by_id = await self._load(conn, factory_id)
+        mark = max(max(by_id, default=0), newest_seen)
+        self._factories[factory_id] = _FactorySeries(by_id, mark, now)
+        return by_id, mark
+
+    async def _load(self, conn: AsyncConnection, factory_id: int) -> dict[int, SeriesInfo]:
+        rows = await queries.series_metadata(conn, factory_id)
+        # (series, device, device_key, device_name, key, display_name, unit, is_kpi,
+        #  is_power, warning_low, warning_high, critical_low, critical_high, offline_s)
+        ordered = sorted(rows, key=lambda r: (r[1], not r[7], r[4]))
+        out: dict[int, SeriesInfo] = {}
+        for rank, r in enumerate(ordered):
+            sid, device_id, key, is_kpi = r[0], r[1], r[4], bool(r[7])
+            wl, wh, cl, ch = r[9], r[10], r[11], r[12]
+            no_limits = wl is None and wh is None and cl is None and ch is None
+            out[sid] = SeriesInfo(
+                sid,
+                device_id,
+                key,
+                is_kpi,
+                bool(r[8]),
+                None if no_limits else (wl, wh, cl, ch),
+                r[13] * 1000,
+                rank,
+                {
+                    "device_id": device_id,
+                    "device_key": r[2],
+                    "device_name": r[3],
+                    "parameter_id": sid,
+                    "key": key,
+                    "display_name": r[5],
+                    "unit": r[6],
+                    "is_kpi": is_kpi,
+                },
+            )
+        return out
+
+
+# --- latest values for dashboards -------------------------------------------------------------
+
+
+class LatestValue(TypedDict):
+    """One series' latest value (the fields of schemas.LatestValueOut). A plain dict:
+    orjson writes ten thousand of them in a couple of milliseconds."""
+
+    device_id: int
+    device_key: str
+    device_name: str
+    parameter_id: int
+    key: str
+    display_name: str | None
+    unit: str | None
+    is_kpi: bool
+    value: float | None
+    text: str | None
+    ts: dt.datetime
+    stale: bool
+    level: Level | None
+
+
+async def latest_values(
+    conn: AsyncConnection,
+    factory_id: int,
+    *,
+    device_ids: Sequence[int] | None = None,
+    parameters: Sequence[str] | None = None,
+    kpi_only: bool = False,
+    now: dt.datetime | None = None,
+    directory: SeriesDirectory,
+) -> list[LatestValue]:
+    """The latest value of every series of the factory (optionally of some devices,
+    parameter keys, KPIs only), ordered by device, KPIs first, then key.
+
+    The work is one read of `series_latest` and one pass over its rows.
+    """
+    now_ms = _ms(now or utcnow())
+    rows = await queries.latest_rows(conn, factory_id, device_ids)
+    if not rows:
+        return []
+    by_id, mark = await directory.get(conn, factory_id)
+    newest = max(map(itemgetter(0), rows))
+    if newest > mark:  # a series discovered since the last load
+        by_id, mark = await directory.get(conn, factory_id, newest_seen=newest)
+    wanted = frozenset(parameters) if parameters else None
+    fromts = dt.datetime.fromtimestamp
+    utc = dt.UTC
+    stamps: dict[int, dt.datetime] = {}  # values of one payload share their timestamp
+    slots: list[dict[str, Any] | None] = [None] * len(by_id)
+    for sid, _, ts, value, text in rows:
+        info = by_id.get(sid)
+        if info is None:  # its parameter was deleted
+            continue
+        if (kpi_only and not info.is_kpi) or (wanted is not None and info.key not in wanted):
+            continue
+        when = stamps.get(ts)
+        if when is None:
+            when = stamps[ts] = fromts(ts / 1000, utc)
+        item = info.static.copy()
+        item["value"] = value
+        item["text"] = text
+        item["ts"] = when
+        item["stale"] = now_ms - ts >= info.offline_after_ms
+        item["level"] = (
+            level_of(value, *info.limits) if info.limits is not None and value is not None else None
+        )
+        slots[info.rank] = item
+    return cast(list[LatestValue], [item for item in slots if item is not None])
+
+
+# --- energy -----------------------------------------------------------------------------------
+
+
+def day_start(now: dt.datetime, timezone: str) -> dt.datetime:
+    """Local midnight of `now`'s day in `timezone`, in UTC. On a day whose midnight is
+    skipped by a DST change, the day starts at the change."""
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = ZoneInfo("UTC")
+    local = now.astimezone(zone)
+    midnight = dt.datetime.combine(local.date(), dt.time(0), tzinfo=zone)
+    return midnight.astimezone(dt.UTC)
+
+
+@dataclass(frozen=True)
+class _PowerSeries:
+    series_id: int
+    device_id: int
+    device_key: str
+    device_name: str
+    key: str
+    unit: str | None
+    offline_after_ms: int
+
+
+async def _power_series(
+    session: AsyncSession, factory_id: int, device_id: int | None
+) -> list[_PowerSeries]:
+    p, d = DeviceParameter, Device
+    stmt = (
+        select(
+            p.id,
+            p.device_id,
+            d.device_key,
+            d.name,
+            p.key,
+            p.unit,
+            d.offline_after_s,
+            Factory.offline_after_s,
+        )
+        .join(d, d.id == p.device_id)
+        .join(Factory, Factory.id == p.factory_id)
+        .where(p.factory_id == factory_id, d.factory_id == factory_id, p.is_power.is_(True))
+        .order_by(p.device_id, p.key)
+    )
+    if device_id is not None:
+        stmt = stmt.where(p.device_id == device_id)
+    rows = (await session.execute(stmt)).all()
+    return [_PowerSeries(r[0], r[1], r[2], r[3], r[4], r[5], (r[6] or r[7]) * 1000) for r in rows]
+
+
+# Integrals over the finished hours of today, per process: (engine, day start, hour,
+# caps) -> (expires, {series: value x ms}). Late points for those hours show within
+# ENERGY_CACHE_S; the current hour is always computed afresh.
+ENERGY_CACHE_S = 60.0
+_finished_hours: weakref.WeakKeyDictionary[Any, dict[Any, tuple[float, dict[int, float]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _energy_today(
+    conn: AsyncConnection, caps: dict[int, int], start_ms: int, now_ms: int
+) -> dict[int, float]:
+    """queries.energy_integrals over [start, now), split at the current hour: the part
+    before it is cached for a minute, so a dashboard polling all day re-reads only the
+    last hour's minutes. The split is exact (each part clips the held values at its
+    edges, and the later part looks back for values held across the split)."""
+    hour = now_ms - now_ms % HOUR_MS
+    if not caps or hour <= start_ms:
+        whole = await queries.energy_integrals(conn, caps, start_ms, now_ms)
+        return {sid: whole.get(sid, 0.0) for sid in caps}
+    cache = _finished_hours.setdefault(conn.engine.sync_engine, {})
+    key = (start_ms, hour, tuple(sorted(caps.items())))
+    clock = time.monotonic()
+    hit = cache.get(key)
+    if hit is None or hit[0] <= clock:
+        for stale in [k for k, (expires, _) in cache.items() if expires <= clock]:
+            del cache[stale]
+        hit = (clock + ENERGY_CACHE_S, await queries.energy_integrals(conn, caps, start_ms, hour))
+        cache[key] = hit
+    recent = await queries.energy_integrals(conn, caps, hour, now_ms)
+    return {sid: hit[1].get(sid, 0.0) + recent.get(sid, 0.0) for sid in caps}
+
+
+async def _energy(
+    session: AsyncSession,
+    factory_id: int,
+    device_id: int | None,
+    now: dt.datetime,
+    timezone: str,
+) -> tuple[dt.datetime, list[DeviceEnergyOut]]:
+    now_ms = _ms(now)
+    start = day_start(now, timezone)
+    series = await _power_series(session, factory_id, device_id)
+    counted = [s for s in series if s.unit in POWER_UNITS_KW]
+    conn = await session.connection()
+    integrals = await _energy_today(
+        conn, {s.series_id: s.offline_after_ms for s in counted}, _ms(start), now_ms
+    )
+    latest: dict[int, tuple[int, float | None]] = {}
+    if series:
+        rows = (
+            await session.execute(
+                select(series_latest.c.series_id, series_latest.c.ts, series_latest.c.value).where(
+                    series_latest.c.factory_id == factory_id,
+                    series_latest.c.series_id.in_([s.series_id for s in series]),
+                )
+            )
+        ).all()
+        latest = {r[0]: (r[1], r[2]) for r in rows}
+    devices: dict[int, DeviceEnergyOut] = {}
+    for s in series:
+        factor = POWER_UNITS_KW.get(s.unit or "")
+        ts, value = latest.get(s.series_id, (None, None))
+        stale = ts is None or now_ms - ts >= s.offline_after_ms
+        power = value * factor if (factor is not None and value is not None and not stale) else None
+        energy = integrals.get(s.series_id, 0.0) * factor / MS_PER_HOUR if factor else 0.0
+        device = devices.get(s.device_id)
+        if device is None:
+            device = devices[s.device_id] = DeviceEnergyOut(
+                device_id=s.device_id,
+                device_key=s.device_key,
+                name=s.device_name,
+                current_power_kw=0.0,
+                energy_today_kwh=0.0,
+                parameters=[],
+            )
+        device.parameters.append(
+            EnergyParameterOut(
+                parameter_id=s.series_id,
+                key=s.key,
+                unit=s.unit,
+                counted=factor is not None,
+                power_kw=power,
+                ts=_dt(ts) if ts is not None else None,
+                stale=stale,
+                energy_today_kwh=energy,
+            )
+        )
+        device.current_power_kw += power or 0.0
+        device.energy_today_kwh += energy
+    return start, list(devices.values())
+
+
+async def energy_summary(
+    session: AsyncSession, factory_id: int, *, now: dt.datetime | None = None
+) -> EnergySummaryOut:
+    """Current total power and energy today (since local midnight), per device and total."""
+    now = now or utcnow()
+    factory = await session.get(Factory, factory_id)
+    if factory is None:
+        raise NotFound(f"no factory {factory_id}", code="factory_not_found")
+    start, devices = await _energy(session, factory_id, None, now, factory.timezone)
+    return EnergySummaryOut(
+        timestamp=now,
+        timezone=factory.timezone,
+        day_start=start,
+        current_power_kw=sum(d.current_power_kw for d in devices),
+        energy_today_kwh=sum(d.energy_today_kwh for d in devices),
+        devices=devices,
+    )
+
+
+async def device_energy(
+    session: AsyncSession, factory_id: int, device_id: int, *, now: dt.datetime | None = None
+) -> DeviceEnergyDetailOut:
+    """The same figures for one device (zero when it has no power parameters)."""
+    now = now or utcnow()
+    device, _, timezone = await _device(session, factory_id, device_id)
+    start, devices = await _energy(session, factory_id, device.id, now, timezone)
+    found = devices[0] if devices else None
+    return DeviceEnergyDetailOut(
+        device_id=device.id,
+        device_key=device.device_key,
+        name=device.name,
+        current_power_kw=found.current_power_kw if found else 0.0,
+        energy_today_kwh=found.energy_today_kwh if found else 0.0,
+        parameters=found.parameters if found else [],
+        timestamp=now,
+        timezone=timezone,
+        day_start=start,
+    )
