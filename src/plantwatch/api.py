@@ -15,6 +15,7 @@ from starlette.responses import Response
 from plantwatch import __version__
 from plantwatch.app import Container
 from plantwatch.assets.routes import router as assets_router
+from plantwatch.connectors.mqtt import mqtt_health
 from plantwatch.core import migrate
 from plantwatch.core.config import Settings
 from plantwatch.core.errors import install_error_handlers
@@ -104,6 +105,9 @@ def create_app(settings: Settings | None = None, container: Container | None = N
             }
         except Exception as exc:
             checks["database"] = {"status": "error", "backend": c.db.dialect, "error": str(exc)}
+        mqtt = mqtt_health()
+        if mqtt is not None:  # the `ingest` role runs in this process (`plantwatch up`)
+            checks["mqtt"] = mqtt
         ok = all(check["status"] == "ok" for check in checks.values())
         body = {"status": "ok" if ok else "error", "version": __version__, "checks": checks}
         return Response(dumps(body), status_code=200 if ok else 503, media_type="application/json")

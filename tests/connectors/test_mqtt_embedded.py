@@ -213,12 +213,13 @@ async def test_unknown_devices_are_registered_when_the_factory_allows_it(
                 telemetry_topic("acme", "AUTO-7"), payload(now_ms() - 100 + i, v=i), qos=1
             )
         await bridge.publish(telemetry_topic("acme", "bad key!"), payload(now_ms(), v=1), qos=1)
+        await bridge.publish(telemetry_topic("acme", "NL\n"), payload(now_ms(), v=1), qos=1)
     devices = await client.get("/api/v1/devices", headers=admin_a.headers)
     auto = [d for d in devices.json()["data"] if d["device_key"] == "AUTO-7"]
     assert len(auto) == 1
     assert await stored_points(container, auto[0]["id"]) == 3
     dead = await dead_letters(client, admin_a)
-    assert [d["reason"] for d in dead] == ["invalid_topic"]
+    assert [d["reason"] for d in dead] == ["invalid_topic", "invalid_topic"]  # never registered
 
 
 async def test_bad_payloads_and_inactive_devices_become_dead_letters(

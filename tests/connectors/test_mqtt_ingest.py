@@ -83,6 +83,7 @@ topics = st.one_of(
             KNOWN,
             "factories/acme/devices/NEW-1/telemetry",
             "factories/acme/devices/bad key/telemetry",
+            "factories/acme/devices/M01\n/telemetry",
             "factories/nope/devices/M01/telemetry",
             "factories/ACME/devices/M01/telemetry",
             "factories//devices//telemetry",

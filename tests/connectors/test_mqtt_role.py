@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import click
+import httpx
 import orjson
 import pytest
 from pydantic import SecretStr
@@ -21,7 +22,7 @@ from tests.telemetry.conftest import KeyedDevice, now_ms
 
 
 async def test_the_ingest_role_runs_the_embedded_broker_on_a_free_port(
-    app: Any, container: Container, device_a: KeyedDevice
+    app: Any, client: httpx.AsyncClient, container: Container, device_a: KeyedDevice
 ) -> None:
     container.settings.mqtt_port = 0
     role = ROLES["ingest"](RoleContext(container, "127.0.0.1", 0))
@@ -30,8 +31,9 @@ async def test_the_ingest_role_runs_the_embedded_broker_on_a_free_port(
         (label, address), *_ = role.endpoints()
         found = re.match(r"mqtt://127\.0\.0\.1:(\d+) ", address)
         assert label == "MQTT" and found and int(found.group(1)) > 0
-        health = mqtt_health()
-        assert health is not None and health["status"] == "ok"
+        health = (await client.get("/health")).json()
+        assert health["checks"]["mqtt"]["status"] == "ok", health
+        assert health["checks"]["mqtt"]["url"] == found.group(0).strip()
         body = orjson.dumps({"ts": now_ms(), "values": {"temp": 20.0}})
         stats = await publish_messages(
             "127.0.0.1",

@@ -139,6 +139,10 @@ def is_internal(username: str | None, password: str | None, secret: str) -> bool
     return hmac.compare_digest(password.encode(), internal_password(secret).encode())
 
 
+def _valid_device_key(key: str) -> bool:
+    return len(key) <= _DEVICE_KEY_MAX and _DEVICE_KEY_RE.fullmatch(key) is not None
+
+
 def _clean_text(value: str, limit: int) -> str:
     """Text safe for any database column: no NUL, no lone surrogates, bounded length."""
     cleaned = value[: limit * 2].replace("\x00", "\\x00")
@@ -243,7 +247,7 @@ class MqttIngest:
                 sender=sender,
             )
         slug, key = parts
-        factory = await self.devices.factory(slug) if SLUG_RE.match(slug) else None
+        factory = await self.devices.factory(slug) if SLUG_RE.fullmatch(slug) else None
         if sender is not None and (
             factory is None or factory.factory_id != sender.factory_id or key != sender.device_key
         ):
@@ -263,7 +267,7 @@ class MqttIngest:
         device = sender or await self._device(factory, key)
         if isinstance(device, tuple):
             reason, detail = device
-            known_key = key if _DEVICE_KEY_RE.match(key) and len(key) <= _DEVICE_KEY_MAX else None
+            known_key = key if _valid_device_key(key) else None
             return await self._reject(
                 broker,
                 reason,
@@ -297,7 +301,7 @@ class MqttIngest:
 
     async def _device(self, factory: FactoryRef, key: str) -> DeviceRef | tuple[str, str]:
         """The active device, or (reason, detail) why the message cannot be stored."""
-        if not _DEVICE_KEY_RE.match(key) or len(key) > _DEVICE_KEY_MAX:
+        if not _valid_device_key(key):
             return INVALID_TOPIC, f"{_show(key)} is not a valid device key"
         device = await self.devices.by_topic(factory, key)
         if device is not None:

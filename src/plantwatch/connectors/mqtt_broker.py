@@ -309,7 +309,13 @@ class _DeviceHandler(BrokerProtocolHandler):  # type: ignore[misc]
         if topic is None or data is None or self.session is None:
             return
         qos = publish_packet.qos or 0
-        if not await self.gateway.on_publish(self.session, topic, bytes(data), qos):
+        try:
+            stored = await self.gateway.on_publish(self.session, topic, bytes(data), qos)
+        except Exception:  # e.g. the database is down while re-checking the key
+            log.exception("mqtt_publish_failed")
+            NOT_ACKED.labels(BROKER).inc()
+            stored = False
+        if not stored:
             # No PUBACK: closing makes the device send the message again.
             if self.writer is not None:
                 with contextlib.suppress(Exception):

@@ -69,7 +69,7 @@ class IngestRole:
         await self.ctx.container.start()  # the pipeline (idempotent; shared with other roles)
         if self.broker is not None:
             try:
-                await self.broker.start()
+                await self._start_broker()
             except OSError as exc:
                 raise _cli_error(
                     f"cannot listen for MQTT on {self.broker.host}:{self.broker.port}: "
@@ -87,6 +87,21 @@ class IngestRole:
                     error=subscriber.last_error,
                 )
         register_health(self.health)
+
+    async def _start_broker(self) -> None:
+        assert self.broker is not None
+        try:
+            await self.broker.start()
+        except OSError:
+            # The default port is often taken (a Mosquitto already on the machine): then
+            # take a free one and say so, rather than refuse to start. A port someone
+            # configured is never silently changed.
+            if "mqtt_port" in self.ctx.container.settings.model_fields_set:
+                raise
+            taken = self.broker.port
+            self.broker.port = 0
+            await self.broker.start()
+            log.warning("mqtt_default_port_taken", port=taken, using=self.broker.port)
 
     def endpoints(self) -> list[tuple[str, str]]:
         if self.broker is not None:
