@@ -44,6 +44,7 @@ import json
 import math
 import re
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -271,14 +272,15 @@ def _header(names: Sequence[str]) -> tuple[Layout, dict[str, int]]:
     return "wide", index
 
 
-class _Source:
+class _Source(ABC):
     """Reads an import file as chunks of rows."""
 
     format: ImportFormat
     layout: Layout
 
+    @abstractmethod
     def chunks(self, size: int) -> Iterator[_Chunk]:
-        raise NotImplementedError
+        """The file's rows, `size` at a time."""
 
 
 class _CsvSource(_Source):
