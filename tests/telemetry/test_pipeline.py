@@ -250,7 +250,11 @@ async def test_a_failed_commit_acknowledges_nothing(
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(store, "write_latest_values", broken)
+    # Either way of writing fails: in one step (SQLite), or statement by statement after
+    # the points went in (they must be rolled back with the rest).
+    monkeypatch.setattr(store, "write_batch_in_one_step", broken)
+    monkeypatch.setattr(store._SQLite, "merge_batch", broken)
+    monkeypatch.setattr(store._Postgres, "merge_batch", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         await started.pipeline.ingest(
             device, orjson.dumps({"ts": base + 1000, "values": {"a": 2.0}}), source="test"
@@ -300,3 +304,83 @@ async def test_write_distinct_points_falls_back_when_points_exist(container: Con
         for _, ts, _ in raw:
             expected[ts - ts % bucket] = expected.get(ts - ts % bucket, 0) + 1
         assert counts == expected, table
+
+
+async def test_steady_state_batches_and_last_seen_on_either_path(
+    started: Container, make_factory: MakeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite a steady-state batch is written in one step in the driver's thread
+    (store.write_batch_in_one_step); elsewhere, or when the driver can't, statement by
+    statement. Both store the same, last_seen included."""
+    device = await _device(started, make_factory)
+    pipeline = started.pipeline
+    base = now_ms() - HOUR_MS
+    await pipeline.ingest(device, orjson.dumps({"ts": base, "values": {"a": 1.0}}), source="t")
+    outcomes: list[bool | None] = []
+    one_step = store.write_batch_in_one_step
+
+    async def spy(*args: Any, **kwargs: Any) -> bool | None:
+        outcomes.append(await one_step(*args, **kwargs))
+        return outcomes[-1]
+
+    monkeypatch.setattr(store, "write_batch_in_one_step", spy)
+
+    async def last_seen() -> Any:
+        async with started.db.session() as session:
+            found = await session.get(Device, device.device_id, populate_existing=True)
+            assert found is not None
+            return found.last_seen
+
+    for step in range(1, 4):
+        pipeline._last_seen_persisted.clear()  # due again (normally every 5 s)
+        before = await last_seen()
+        body = [{"ts": base + step * 10_000 + i, "values": {"a": float(i)}} for i in range(5)]
+        assert (await pipeline.ingest(device, orjson.dumps(body), source="t")).accepted == 5
+        after = await last_seen()
+        assert after.tzinfo is not None and after > before
+        if step == 2:
+            # A driver without its own thread: the pipeline stops trying.
+            monkeypatch.setattr(store, "write_batch_in_one_step", _unsupported)
+    expected = [True, True] if started.db.dialect == "sqlite" else []
+    assert outcomes == expected
+    assert pipeline._one_step is False
+    assert await _rows(started, "SELECT count(*) FROM telemetry_raw") == [(16,)]
+    await _assert_store_consistent(started)
+
+
+async def _unsupported(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+async def test_one_step_batch_with_stored_points_changes_nothing(container: Container) -> None:
+    if container.db.dialect != "sqlite":
+        pytest.skip("the one-step write is SQLite's")
+    t0 = 1_771_491_600_000
+    points = ([7, 7], [t0, t0 + 1000], [1.0, 2.0])
+    minute = aggregate(zip(*points, strict=True), MINUTE_MS)
+    hour = aggregate(zip(*points, strict=True), HOUR_MS)
+    latest = [(7, 1, 1, t0 + 1000, 2.0, None)]
+    async with container.db.engine.connect() as conn:
+        assert await store.write_batch_in_one_step(conn, *points, minute, hour, latest) is True
+    more = ([7, 7], [t0 + 1000, t0 + 2000], [5.0, 6.0])  # the first is stored already
+    async with container.db.engine.connect() as conn:
+        assert await store.write_batch_in_one_step(conn, *more, minute, hour, latest) is False
+    assert await _rows(container, "SELECT ts, value FROM telemetry_raw ORDER BY ts") == [
+        (t0, 1.0),
+        (t0 + 1000, 2.0),
+    ]
+    assert await _rows(container, "SELECT cnt FROM telemetry_1m") == [(2,)]
+    async with container.db.engine.begin() as conn:
+        assert await store.write_batch_in_one_step(conn, *more, minute, hour, latest) is None
+    # A failure part-way rolls the whole batch back.
+    fresh = ([8], [t0], [3.0])
+    async with container.db.engine.connect() as conn:
+        with pytest.raises(Exception, match="no such table"):
+            await store.write_batch_in_one_step(
+                conn, *fresh, {}, {}, [], [("UPDATE no_such_table SET x = ?", (1,))]
+            )
+    assert await _rows(container, "SELECT count(*) FROM telemetry_raw WHERE series_id = 8") == [
+        (0,)
+    ]
+    async with container.db.engine.connect() as conn:  # and the connection is usable
+        assert await store.write_batch_in_one_step(conn, *fresh, {}, {}, []) is True

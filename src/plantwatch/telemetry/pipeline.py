@@ -26,7 +26,7 @@ import json
 import time
 from bisect import bisect_left
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
@@ -181,6 +181,9 @@ class IngestPipeline:
         self._series: dict[tuple[int, str], int] = {}
         self._last_seen_persisted: dict[int, int] = {}
         self._online: set[int] = set()
+        # SQLite: write steady-state batches in one step (store.write_batch_in_one_step).
+        self._one_step = db.engine.dialect.name == "sqlite"
+        self._bind_datetime: Callable[[Any], Any] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -445,16 +448,41 @@ class IngestPipeline:
             await self.partitions.ensure(days)
 
         came_online: list[DeviceRef] = []
-        async with self.db.engine.begin() as conn:
-            if series:
-                await store.write_distinct_points(conn, series, stamps, values, minute, hour)
-            elif rows:
-                await store.write_points(conn, rows)
-            if latest:
-                await store.write_latest_values(conn, list(latest.values()))
-            came_online = await self._touch_devices(conn, seen)
-            if dead:
-                await conn.execute(insert(DeadLetter), dead)
+        written = False
+        if series and not dead and self._one_step and self._online.issuperset(seen):
+            # The steady state on SQLite: the whole batch in one trip to the driver's
+            # thread. Anything else (new devices, dead letters, stored points) below.
+            stale = self._stale(seen)
+            async with self.db.engine.connect() as conn:
+                done = await store.write_batch_in_one_step(
+                    conn,
+                    series,
+                    stamps,
+                    values,
+                    minute,
+                    hour,
+                    list(latest.values()),
+                    self._last_seen_statements(stale),
+                )
+            if done is None:
+                self._one_step = False  # the driver can't; don't ask again
+            elif done:
+                self._persisted(stale, seen)
+                written = True
+        if not written:
+            async with self.db.engine.begin() as conn:
+                if series:
+                    await store.write_distinct_points(
+                        conn, series, stamps, values, minute, hour, latest=list(latest.values())
+                    )
+                else:
+                    if rows:
+                        await store.write_points(conn, rows)
+                    if latest:
+                        await store.write_latest_values(conn, list(latest.values()))
+                came_online = await self._touch_devices(conn, seen)
+                if dead:
+                    await conn.execute(insert(DeadLetter), dead)
 
         for source, count in accepted.items():
             POINTS.labels(source).inc(count)
@@ -571,17 +599,47 @@ class IngestPipeline:
             )
             came_online = [seen[did][0] for (did,) in result]
             self._online.update(unknown)
-        stale = [
-            did
-            for did, (_, received_ms) in seen.items()
-            if received_ms - self._last_seen_persisted.get(did, 0) >= LAST_SEEN_PERSIST_MS
-        ]
+        stale = self._stale(seen)
         if stale:
             # One statement, not one per device: they all get the same time.
             await conn.execute(update(Device).where(Device.id.in_(stale)).values(last_seen=now))
-            for did in stale:
-                self._last_seen_persisted[did] = seen[did][1]
+            self._persisted(stale, seen)
         return came_online
+
+    def _stale(self, seen: dict[int, tuple[DeviceRef, int]]) -> list[int]:
+        """Devices whose last_seen is due to be written."""
+        persisted = self._last_seen_persisted
+        return [
+            did
+            for did, (_, received_ms) in seen.items()
+            if received_ms - persisted.get(did, 0) >= LAST_SEEN_PERSIST_MS
+        ]
+
+    def _persisted(self, stale: list[int], seen: dict[int, tuple[DeviceRef, int]]) -> None:
+        for did in stale:
+            self._last_seen_persisted[did] = seen[did][1]
+
+    def _last_seen_statements(self, stale: list[int]) -> list[store.Statement]:
+        """What `_touch_devices` writes for devices already online, as plain SQLite
+        statements (for the one-step batch)."""
+        if not stale:
+            return []
+        if self._bind_datetime is None:
+            column_type = Device.__table__.c.last_seen.type
+            self._bind_datetime = column_type.bind_processor(self.db.engine.dialect)
+        now = utcnow()
+        stamp = self._bind_datetime(now) if self._bind_datetime else now
+        statements: list[store.Statement] = []
+        for start in range(0, len(stale), 30_000):
+            chunk = stale[start : start + 30_000]
+            marks = ",".join("?" * len(chunk))
+            statements.append(
+                (
+                    f"UPDATE devices SET last_seen = ?, updated_at = ? WHERE id IN ({marks})",  # noqa: S608 (placeholders only)
+                    (stamp, stamp, *chunk),
+                )
+            )
+        return statements
 
     def mark_offline(self, device_id: int) -> None:
         """The device went offline: its next point must announce it online again."""

@@ -124,6 +124,19 @@ class _Dialect(ABC):
     async def upsert_latest(self, conn: AsyncConnection, rows: Sequence[LatestValues]) -> None:
         """Upsert latest values unless the stored one is newer."""
 
+    async def merge_batch(
+        self,
+        conn: AsyncConnection,
+        minute: dict[tuple[int, int], Agg],
+        hour: dict[tuple[int, int], Agg],
+        latest: Sequence[LatestValues],
+    ) -> None:
+        """Merge new points' aggregates into both rollups and upsert latest values."""
+        await self.upsert_rollups(conn, "telemetry_1m", minute, replace=False)
+        await self.upsert_rollups(conn, "telemetry_1h", hour, replace=False)
+        if latest:
+            await self.upsert_latest(conn, latest)
+
 
 @lru_cache(maxsize=64)
 def _values_sql(head: str, width: int, rows: int, tail: str) -> str:
@@ -142,6 +155,55 @@ _LATEST_TAIL = (
 )
 
 
+# One SQL statement and its parameters.
+Statement = tuple[str, tuple[Any, ...]]
+
+
+def _sqlite_raw_statements(
+    series: Sequence[int], stamps: Sequence[int], values: Sequence[float], tail: str
+) -> list[Statement]:
+    statements = []
+    for start in range(0, len(series), _SQLITE_CHUNK):
+        end = start + _SQLITE_CHUNK
+        flat = tuple(
+            chain.from_iterable(
+                zip(series[start:end], stamps[start:end], values[start:end], strict=True)
+            )
+        )
+        statements.append((_values_sql(_RAW_HEAD, 3, len(flat) // 3, tail), flat))
+    return statements
+
+
+def _sqlite_rollup_statements(
+    table: str, aggs: dict[tuple[int, int], Agg], *, replace: bool
+) -> list[Statement]:
+    head = f"INSERT INTO {table} ({_ROLLUP_COLUMNS})"
+    tail = _replace_sql(table) if replace else _merge_sql(table, "min", "max")
+    items = list(aggs.items())
+    statements = []
+    for start in range(0, len(items), _SQLITE_ROLLUP_CHUNK):
+        chunk = items[start : start + _SQLITE_ROLLUP_CHUNK]
+        flat: list[Any] = []
+        for key, agg in chunk:
+            flat += key
+            flat += agg
+        statements.append((_values_sql(head, 10, len(chunk), tail), tuple(flat)))
+    return statements
+
+
+def _sqlite_latest_statements(rows: Sequence[LatestValues]) -> list[Statement]:
+    return [
+        (
+            _values_sql(_LATEST_HEAD, 6, len(chunk), _LATEST_TAIL),
+            tuple(chain.from_iterable(chunk)),
+        )
+        for chunk in (
+            rows[start : start + _SQLITE_LATEST_CHUNK]
+            for start in range(0, len(rows), _SQLITE_LATEST_CHUNK)
+        )
+    ]
+
+
 class _SQLite(_Dialect):
     async def insert_all(
         self,
@@ -151,15 +213,8 @@ class _SQLite(_Dialect):
         values: Sequence[float],
     ) -> int:
         inserted = 0
-        for start in range(0, len(series), _SQLITE_CHUNK):
-            end = start + _SQLITE_CHUNK
-            flat = tuple(
-                chain.from_iterable(
-                    zip(series[start:end], stamps[start:end], values[start:end], strict=True)
-                )
-            )
-            sql = _values_sql(_RAW_HEAD, 3, len(flat) // 3, _RAW_NOTHING)
-            result = await conn.exec_driver_sql(sql, flat)
+        for sql, params in _sqlite_raw_statements(series, stamps, values, _RAW_NOTHING):
+            result = await conn.exec_driver_sql(sql, params)
             inserted += result.rowcount
         return inserted
 
@@ -184,26 +239,12 @@ class _SQLite(_Dialect):
         *,
         replace: bool,
     ) -> None:
-        if not aggs:
-            return
-        head = f"INSERT INTO {table} ({_ROLLUP_COLUMNS})"
-        tail = _replace_sql(table) if replace else _merge_sql(table, "min", "max")
-        items = list(aggs.items())
-        for start in range(0, len(items), _SQLITE_ROLLUP_CHUNK):
-            chunk = items[start : start + _SQLITE_ROLLUP_CHUNK]
-            flat: list[Any] = []
-            for key, agg in chunk:
-                flat += key
-                flat += agg
-            await conn.exec_driver_sql(_values_sql(head, 10, len(chunk), tail), tuple(flat))
+        for sql, params in _sqlite_rollup_statements(table, aggs, replace=replace):
+            await conn.exec_driver_sql(sql, params)
 
     async def upsert_latest(self, conn: AsyncConnection, rows: Sequence[LatestValues]) -> None:
-        for start in range(0, len(rows), _SQLITE_LATEST_CHUNK):
-            chunk = rows[start : start + _SQLITE_LATEST_CHUNK]
-            await conn.exec_driver_sql(
-                _values_sql(_LATEST_HEAD, 6, len(chunk), _LATEST_TAIL),
-                tuple(chain.from_iterable(chunk)),
-            )
+        for sql, params in _sqlite_latest_statements(rows):
+            await conn.exec_driver_sql(sql, params)
 
 
 class _Postgres(_Dialect):
@@ -256,40 +297,146 @@ class _Postgres(_Dialect):
     ) -> None:
         if not aggs:
             return
-        columns: list[list[Any]] = [[] for _ in range(10)]
-        for (sid, bucket), agg in aggs.items():
-            columns[0].append(sid)
-            columns[1].append(bucket)
-            for i, value in enumerate(agg):
-                columns[i + 2].append(value)
         tail = _replace_sql(table) if replace else _merge_sql(table, "LEAST", "GREATEST")
         await conn.exec_driver_sql(
-            f"INSERT INTO {table} ({_ROLLUP_COLUMNS}) SELECT * FROM unnest("
-            "$1::bigint[], $2::bigint[], $3::int[], $4::float8[], $5::float8[], $6::float8[], "
-            f"$7::bigint[], $8::float8[], $9::bigint[], $10::float8[]) {tail}",
-            (
-                columns[0],
-                columns[1],
-                [int(c) for c in columns[2]],
-                columns[3],
-                columns[4],
-                columns[5],
-                [int(t) for t in columns[6]],
-                columns[7],
-                [int(t) for t in columns[8]],
-                columns[9],
-            ),
+            f"INSERT INTO {table} ({_ROLLUP_COLUMNS}) {_pg_rollup_unnest(1)} {tail}",
+            _pg_rollup_columns(aggs),
         )
 
     async def upsert_latest(self, conn: AsyncConnection, rows: Sequence[LatestValues]) -> None:
         if not rows:
             return
-        columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
         await conn.exec_driver_sql(
-            f"{_LATEST_HEAD} SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], "
-            f"$4::bigint[], $5::float8[], $6::text[]) {_LATEST_TAIL}",
-            tuple(columns),
+            f"{_LATEST_HEAD} {_pg_latest_unnest(1)} {_LATEST_TAIL}", _pg_latest_columns(rows)
         )
+
+    async def merge_batch(
+        self,
+        conn: AsyncConnection,
+        minute: dict[tuple[int, int], Agg],
+        hour: dict[tuple[int, int], Agg],
+        latest: Sequence[LatestValues],
+    ) -> None:
+        # One round trip: each statement of a batch waits for the server and then for
+        # the event loop, so three upserts as data-modifying CTEs of one statement.
+        await conn.exec_driver_sql(
+            _PG_MERGE_BATCH,
+            (
+                *_pg_rollup_columns(minute),
+                *_pg_rollup_columns(hour),
+                *_pg_latest_columns(latest),
+            ),
+        )
+
+
+def _pg_rollup_unnest(first: int) -> str:
+    # series_id, bucket, cnt, total, vmin, vmax, first_ts, vfirst, last_ts, vlast
+    types = "bigint bigint int float8 float8 float8 bigint float8 bigint float8".split()
+    arrays = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
+    return f"SELECT * FROM unnest({arrays})"
+
+
+def _pg_latest_unnest(first: int) -> str:
+    types = "bigint bigint bigint bigint float8 text".split()
+    arrays = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
+    return f"SELECT * FROM unnest({arrays})"
+
+
+def _pg_rollup_columns(aggs: dict[tuple[int, int], Agg]) -> tuple[list[Any], ...]:
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(10))
+    for (sid, bucket), agg in aggs.items():
+        columns[0].append(sid)
+        columns[1].append(bucket)
+        columns[2].append(int(agg[0]))
+        columns[3].append(agg[1])
+        columns[4].append(agg[2])
+        columns[5].append(agg[3])
+        columns[6].append(int(agg[4]))
+        columns[7].append(agg[5])
+        columns[8].append(int(agg[6]))
+        columns[9].append(agg[7])
+    return columns
+
+
+def _pg_latest_columns(rows: Sequence[LatestValues]) -> tuple[list[Any], ...]:
+    if not rows:
+        return ([], [], [], [], [], [])
+    return tuple(list(c) for c in zip(*rows, strict=True))
+
+
+_PG_MERGE_BATCH = (
+    f"WITH m AS (INSERT INTO telemetry_1m ({_ROLLUP_COLUMNS}) {_pg_rollup_unnest(1)} "
+    f"{_merge_sql('telemetry_1m', 'LEAST', 'GREATEST')}), "
+    f"h AS (INSERT INTO telemetry_1h ({_ROLLUP_COLUMNS}) {_pg_rollup_unnest(11)} "
+    f"{_merge_sql('telemetry_1h', 'LEAST', 'GREATEST')}) "
+    f"{_LATEST_HEAD} {_pg_latest_unnest(21)} {_LATEST_TAIL}"
+)
+
+
+def _sqlite_batch_in_thread(
+    dbapi: Any, inserts: Sequence[Statement], total: int, rest: Sequence[Statement]
+) -> bool:
+    """Runs in the SQLite driver's own thread: one transaction, no round trips."""
+    dbapi.execute("BEGIN")
+    try:
+        inserted = 0
+        for sql, params in inserts:
+            inserted += dbapi.execute(sql, params).rowcount
+        if inserted != total:
+            dbapi.execute("ROLLBACK")
+            return False
+        for sql, params in rest:
+            dbapi.execute(sql, params)
+        dbapi.execute("COMMIT")
+        return True
+    except BaseException:
+        if dbapi.in_transaction:
+            dbapi.execute("ROLLBACK")
+        raise
+
+
+async def write_batch_in_one_step(
+    conn: AsyncConnection,
+    series: Sequence[int],
+    stamps: Sequence[int],
+    values: Sequence[float],
+    minute: dict[tuple[int, int], Agg],
+    hour: dict[tuple[int, int], Agg],
+    latest: Sequence[LatestValues],
+    extra: Sequence[Statement] = (),
+) -> bool | None:
+    """SQLite: store a batch as `write_distinct_points` + `write_latest_values` would,
+    plus `extra` statements, as one transaction run entirely in the driver's thread.
+
+    `conn` must not be in a transaction (this one begins and commits its own). Every
+    statement of a batch otherwise costs a round trip to that thread, and each resumes
+    only when the event loop gets to it — behind whatever parsing is queued there — so
+    the database would sit idle between statements.
+
+    Returns True once committed; False, having changed nothing, when some point was
+    already stored (the caller takes the exact path); None when the driver does not
+    offer its thread (then nothing was done either).
+    """
+    if conn.dialect.name != "sqlite" or conn.in_transaction():
+        return None
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    # aiosqlite's queue to its thread and its sqlite3 connection: not public API, but
+    # what SQLAlchemy's own aiosqlite dialect uses too. Absent: the caller goes the
+    # statement-by-statement way.
+    run = getattr(driver, "_execute", None)
+    dbapi = getattr(driver, "_conn", None)
+    if run is None or dbapi is None:
+        return None
+    inserts = _sqlite_raw_statements(series, stamps, values, _RAW_NOTHING)
+    rest = [
+        *_sqlite_rollup_statements("telemetry_1m", minute, replace=False),
+        *_sqlite_rollup_statements("telemetry_1h", hour, replace=False),
+        *_sqlite_latest_statements(latest),
+        *extra,
+    ]
+    done: bool = await run(_sqlite_batch_in_thread, dbapi, inserts, len(series), rest)
+    return done
 
 
 def _coarsen(aggs: dict[tuple[int, int], Agg], bucket_ms: int) -> dict[tuple[int, int], Agg]:
@@ -331,35 +478,38 @@ async def write_distinct_points(
     values: Sequence[float],
     minute: dict[tuple[int, int], Agg] | None = None,
     hour: dict[tuple[int, int], Agg] | None = None,
+    *,
+    latest: Sequence[LatestValues] = (),
 ) -> WriteResult:
     """Store points given as columns, no two with the same (series, ts), in the caller's
     transaction. `minute`/`hour`, when given, must be the 1m/1h aggregates of exactly
     these points (the ingest pipeline computes them from sorted runs); else they are
-    computed here. Points already stored are handled exactly as `write_points` does."""
+    computed here. Points already stored are handled exactly as `write_points` does.
+    `latest` rows, if any, are written as `write_latest_values` would."""
     total = len(series)
-    if not total:
-        return WriteResult()
     dialect = dialect_for(conn)
-    savepoint = await conn.begin_nested()
+    if not total:
+        if latest:
+            await dialect.upsert_latest(conn, latest)
+        return WriteResult()
+    # A bare savepoint (no RELEASE needed: the commit releases it) costs one round trip.
+    await conn.exec_driver_sql("SAVEPOINT pw_points")
     inserted = await dialect.insert_all(conn, series, stamps, values)
     if inserted == total:
-        await savepoint.commit()
         if minute is None or hour is None:
             minute = aggregate(zip(series, stamps, values, strict=True), MINUTE_MS)
             hour = _coarsen(minute, HOUR_MS)
-        await dialect.upsert_rollups(conn, "telemetry_1m", minute, replace=False)
-        await dialect.upsert_rollups(conn, "telemetry_1h", hour, replace=False)
+        await dialect.merge_batch(conn, minute, hour, latest)
         return WriteResult(inserted=total)
     rows = list(zip(series, stamps, values, strict=True))
     if inserted == 0:
         # Nothing was new (a redelivery on SQLite): nothing changed, all are conflicts.
-        await savepoint.commit()
         conflicts = rows
         result = WriteResult()
     else:
         # Some were new, or the insert failed on a stored row: undo, and insert again
         # learning which are new.
-        await savepoint.rollback()
+        await conn.exec_driver_sql("ROLLBACK TO SAVEPOINT pw_points")
         keys = await dialect.insert_new(conn, rows)
         result = WriteResult(inserted=len(keys))
         new_rows = [r for r in rows if (r[0], r[1]) in keys]
@@ -370,6 +520,8 @@ async def write_distinct_points(
     rewritten = await _apply_rewrites(conn, dialect, conflicts)
     result.rewritten = len(rewritten)
     result.duplicates = len(conflicts) - len(rewritten)
+    if latest:
+        await dialect.upsert_latest(conn, latest)
     return result
 
 
