@@ -324,6 +324,17 @@ async def checkpoint(url: str) -> None:
         await conn.close()
 
 
+def postgres_cpu_seconds() -> float:
+    """CPU time of every PostgreSQL server process on this machine (user + system)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "postgres":
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
+
+
 # --- memory -------------------------------------------------------------------------
 
 

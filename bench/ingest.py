@@ -54,6 +54,7 @@ from bench.common import (
     checkpoint,
     emit,
     machine,
+    postgres_cpu_seconds,
     raw_insert_rate,
     seed_devices,
     series_ids,
@@ -234,11 +235,13 @@ async def run_pipeline(
         profiler = start_profiler(args, os.getpid())
         sampler = RssSampler(os.getpid(), args.rss_every).start()
         progress = asyncio.create_task(_progress(lambda: accepted, args))
+        pg0 = postgres_cpu_seconds()
         cpu0 = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(args.concurrency)))
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu0
+        pg_cpu = postgres_cpu_seconds() - pg0
         progress.cancel()
         rss = sampler.stop()
         stop_profiler(profiler)
@@ -250,7 +253,10 @@ async def run_pipeline(
         "seconds": seconds,
         "requests": requests,
         "errors": errors,
-        "process_cpu_s": round(cpu, 2),
+        # Cores busy in this process (parser, writer, SQLite's thread) and in PostgreSQL
+        # (all its processes: other users of the server count too).
+        "process_cpu_share": round(cpu / seconds, 3),
+        "postgres_cpu_share": round(pg_cpu / seconds, 3),
         **rss,
     }
 
@@ -446,12 +452,14 @@ async def run_http(
         sampler = RssSampler(child.pid, args.rss_every).start()
         progress = asyncio.create_task(_progress(lambda: accepted, args))
         server_cpu0 = sum(server.cpu_times()[:2])
+        pg0 = postgres_cpu_seconds()
         cpu0 = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         seconds = time.perf_counter() - started
         client_cpu = time.process_time() - cpu0
         server_cpu = sum(server.cpu_times()[:2]) - server_cpu0
+        pg_cpu = postgres_cpu_seconds() - pg0
         progress.cancel()
         rss = sampler.stop()
         stop_profiler(profiler)
@@ -474,6 +482,7 @@ async def run_http(
         # while the server's (one Python process) is near one core.
         "client_cpu_share": round(client_cpu / seconds, 3),
         "server_cpu_share": round(server_cpu / seconds, 3),
+        "postgres_cpu_share": round(pg_cpu / seconds, 3),
         **{k.replace("rss_", "server_rss_"): v for k, v in rss.items()},
     }
 

@@ -26,16 +26,17 @@ import json
 import time
 from bisect import bisect_left
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from prometheus_client import Counter, Histogram
 from sqlalchemy import insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from plantwatch.assets.models import Device, DeviceParameter
@@ -48,6 +49,7 @@ from plantwatch.telemetry.partitions import DAY_MS, Partitions
 from plantwatch.telemetry.rollups import HOUR_MS, MINUTE_MS, Agg, merge
 
 log = structlog.get_logger("plantwatch.ingest")
+T = TypeVar("T")
 
 POINTS = Counter("plantwatch_ingest_points_total", "Telemetry points stored", ["source"])
 REJECTS = Counter(
@@ -184,6 +186,7 @@ class IngestPipeline:
         # SQLite: write steady-state batches in one step (store.write_batch_in_one_step).
         self._one_step = db.engine.dialect.name == "sqlite"
         self._bind_datetime: Callable[[Any], Any] | None = None
+        self._conn: AsyncConnection | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -200,6 +203,38 @@ class IngestPipeline:
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
         self._writer = None
+        await self._drop_connection()
+
+    async def _on_connection(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run a batch's writes on the writer's own connection.
+
+        The writer keeps one connection rather than taking one from the pool per batch:
+        no checkout ping or reset per batch, and on PostgreSQL its prepared statements
+        stay prepared (a busy pool otherwise hands out fresh connections that parse
+        them again). A connection that fails is dropped; a batch that failed because
+        the connection was lost is tried once more on a new one — safe, because every
+        write is idempotent (a point stored twice is stored once).
+        """
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = await self.db.engine.connect()
+            try:
+                return await work(self._conn)
+            except DBAPIError as exc:
+                await self._drop_connection()
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+                log.warning("ingest_connection_lost_retrying", error=str(exc)[:200])
+            except BaseException:
+                await self._drop_connection()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     def forget_series(self, device_id: int | None = None) -> None:
         """Drop cached series ids (after parameters are deleted)."""
@@ -447,13 +482,13 @@ class IngestPipeline:
         if days:
             await self.partitions.ensure(days)
 
-        came_online: list[DeviceRef] = []
-        written = False
-        if series and not dead and self._one_step and self._online.issuperset(seen):
-            # The steady state on SQLite: the whole batch in one trip to the driver's
-            # thread. Anything else (new devices, dead letters, stored points) below.
-            stale = self._stale(seen)
-            async with self.db.engine.connect() as conn:
+        latest_rows = list(latest.values())
+
+        async def write(conn: AsyncConnection) -> list[DeviceRef]:
+            if series and not dead and self._one_step and self._online.issuperset(seen):
+                # The steady state on SQLite: the whole batch in one trip to the driver's
+                # thread. Anything else (new devices, dead letters, stored points) below.
+                stale = self._stale(seen)
                 done = await store.write_batch_in_one_step(
                     conn,
                     series,
@@ -461,28 +496,30 @@ class IngestPipeline:
                     values,
                     minute,
                     hour,
-                    list(latest.values()),
+                    latest_rows,
                     self._last_seen_statements(stale),
                 )
-            if done is None:
-                self._one_step = False  # the driver can't; don't ask again
-            elif done:
-                self._persisted(stale, seen)
-                written = True
-        if not written:
-            async with self.db.engine.begin() as conn:
+                if done:
+                    self._persisted(stale, seen)
+                    return []
+                if done is None:
+                    self._one_step = False  # the driver can't; don't ask again
+            async with conn.begin():
                 if series:
                     await store.write_distinct_points(
-                        conn, series, stamps, values, minute, hour, latest=list(latest.values())
+                        conn, series, stamps, values, minute, hour, latest=latest_rows
                     )
                 else:
                     if rows:
                         await store.write_points(conn, rows)
-                    if latest:
-                        await store.write_latest_values(conn, list(latest.values()))
+                    if latest_rows:
+                        await store.write_latest_values(conn, latest_rows)
                 came_online = await self._touch_devices(conn, seen)
                 if dead:
                     await conn.execute(insert(DeadLetter), dead)
+            return came_online
+
+        came_online = await self._on_connection(write)
 
         for source, count in accepted.items():
             POINTS.labels(source).inc(count)

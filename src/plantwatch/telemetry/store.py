@@ -331,13 +331,24 @@ class _Postgres(_Dialect):
 
 def _pg_rollup_unnest(first: int) -> str:
     # series_id, bucket, cnt, total, vmin, vmax, first_ts, vfirst, last_ts, vlast
-    types = "bigint bigint int float8 float8 float8 bigint float8 bigint float8".split()
+    types = [
+        "bigint",
+        "bigint",
+        "int",
+        "float8",
+        "float8",
+        "float8",
+        "bigint",
+        "float8",
+        "bigint",
+        "float8",
+    ]
     arrays = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
     return f"SELECT * FROM unnest({arrays})"
 
 
 def _pg_latest_unnest(first: int) -> str:
-    types = "bigint bigint bigint bigint float8 text".split()
+    types = ["bigint", "bigint", "bigint", "bigint", "float8", "text"]
     arrays = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
     return f"SELECT * FROM unnest({arrays})"
 
