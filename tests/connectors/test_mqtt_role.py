@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from typing import Any
 
 import click
@@ -54,3 +55,28 @@ async def test_a_bad_broker_url_is_a_configuration_error(container: Container) -
     container.settings.mqtt_url = SecretStr("http://not-mqtt")
     with pytest.raises(click.ClickException, match="PLANTWATCH_MQTT_URL"):
         ROLES["ingest"](RoleContext(container, "127.0.0.1", 0))
+
+
+async def test_a_taken_default_port_falls_back_but_a_configured_one_fails(
+    app: Any, container: Container
+) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        # As if `taken` were the default (1883 with a Mosquitto already on it):
+        # not in model_fields_set, so nobody asked for it.
+        container.settings.__dict__["mqtt_port"] = taken
+        assert "mqtt_port" not in container.settings.model_fields_set
+        role = ROLES["ingest"](RoleContext(container, "127.0.0.1", 0))
+        await role.start()
+        try:
+            found = re.search(r"mqtt://127\.0\.0\.1:(\d+) ", role.endpoints()[0][1])
+            assert found and int(found.group(1)) not in (0, taken)
+        finally:
+            role.request_stop()
+            await asyncio.wait_for(role.wait(), 10)
+        container.settings.mqtt_port = taken  # now asked for explicitly: no silent change
+        explicit = ROLES["ingest"](RoleContext(container, "127.0.0.1", 0))
+        with pytest.raises(click.ClickException, match="cannot listen for MQTT"):
+            await explicit.start()
