@@ -240,3 +240,35 @@ async def test_offline_after_silence_and_online_again(
     await container.bus.drain()  # type: ignore[attr-defined]
     assert [s for s, _ in events] == ["device.online", "device.offline", "device.online"]
     assert all(p["device_id"] == device_a.id for _, p in events)
+
+
+async def test_committed_telemetry_is_published_on_the_device_partition(
+    client: httpx.AsyncClient, container: Container, device_a: KeyedDevice
+) -> None:
+    """Rules read telemetry from the bus: every accepted point, after its commit, on
+    `telemetry.<partition of the device>`; rejected points are not published."""
+    from plantwatch.telemetry.pipeline import telemetry_partition
+
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    async def collect(subject: str, payload: dict[str, Any]) -> None:
+        events.append((subject, payload))
+
+    container.bus.subscribe("telemetry.>", collect)
+    body = [
+        {"ts": 1_000, "values": {"temp": 81.5, "bad": "nan?"}},
+        {"ts": 2_000, "values": {"temp": 82.0, "mode": "RUN"}},
+    ]
+    now_ms = int(__import__("time").time() * 1000)
+    for entry in body:
+        entry["ts"] = now_ms - 5_000 + int(entry["ts"])  # type: ignore[call-overload]
+    response = await client.post("/api/v1/ingest", json=body, headers=device_a.headers)
+    assert response.status_code == 200, response.text
+    await container.bus.drain()  # type: ignore[attr-defined]
+    assert [s for s, _ in events] == [f"telemetry.{telemetry_partition(device_a.id)}"]
+    (item,) = events[0][1]["items"]
+    assert item["device_id"] == device_a.id and item["device_key"] == device_a.device_key
+    stamps, values = item["columns"]["temp"]
+    assert list(values) == [81.5, 82.0] and len(stamps) == 2
+    assert item["states"]["mode"][1] == "RUN"
+    assert "bad" not in item["columns"]

@@ -384,3 +384,15 @@ async def test_one_step_batch_with_stored_points_changes_nothing(container: Cont
     ]
     async with container.db.engine.connect() as conn:  # and the connection is usable
         assert await store.write_batch_in_one_step(conn, *fresh, {}, {}, []) is True
+
+
+def test_sqlite_statements_come_in_few_sizes() -> None:
+    """Multi-row statements are cut into pieces of a few fixed sizes, so the prepared
+    statements are reused (preparing one costs more than running it)."""
+    sizes: set[int] = set()
+    for total in [*range(0, 2100), 10_000, 50_001]:
+        pieces = list(store._row_chunks(total))
+        assert [p[0] for p in pieces] == [sum(p[1] for p in pieces[:i]) for i in range(len(pieces))]
+        assert sum(p[1] for p in pieces) == total
+        sizes.update(p[1] for p in pieces)
+    assert sizes == {2**k for k in range(11)}

@@ -160,6 +160,45 @@ def _runs(
         start = end
 
 
+# A committed batch: each job's outcome, and the devices that came online.
+_Flushed = tuple[list[IngestOutcome], list[DeviceRef]]
+
+# Committed telemetry goes out on the bus as `telemetry.<partition>`, a stable hash of
+# the device, so one rules worker sees all of a device's points in order (DESIGN §3).
+TELEMETRY_PARTITIONS = 8
+
+
+def telemetry_partition(device_id: int) -> int:
+    return device_id % TELEMETRY_PARTITIONS
+
+
+def telemetry_events(jobs: Iterable[_Job]) -> dict[int, list[dict[str, Any]]]:
+    """The committed messages of a batch, grouped by partition, in commit order.
+
+    An item is {"factory_id", "device_id", "device_key", "received_ms",
+    "columns": {metric: ([ts_ms, ...], [value, ...])}, "states": {metric: (ts_ms, text)}};
+    timestamps of a column are in arrival order, not necessarily sorted.
+    """
+    by_partition: dict[int, list[dict[str, Any]]] = {}
+    for job in jobs:
+        parsed, device = job.parsed, job.device
+        if job.fatal is not None or parsed is None or device is None:
+            continue
+        if not parsed.columns and not parsed.states:
+            continue
+        by_partition.setdefault(telemetry_partition(device.device_id), []).append(
+            {
+                "factory_id": device.factory_id,
+                "device_id": device.device_id,
+                "device_key": device.device_key,
+                "received_ms": job.received_ms,
+                "columns": parsed.columns or {},
+                "states": parsed.states,
+            }
+        )
+    return by_partition
+
+
 class IngestPipeline:
     def __init__(
         self,
@@ -295,8 +334,13 @@ class IngestPipeline:
             if sid is None:
                 return None
             series.append((sid, stamps, values))
-            _runs(sid, stamps, values, MINUTE_MS, minute)
-            _runs(sid, stamps, values, HOUR_MS, hour)
+            if len(stamps) == 1:  # one sample (a small message): its own aggregate
+                ts, value = stamps[0], values[0]
+                minute[(sid, ts - ts % MINUTE_MS)] = [1, value, value, value, ts, value, ts, value]
+                hour[(sid, ts - ts % HOUR_MS)] = [1, value, value, value, ts, value, ts, value]
+            else:
+                _runs(sid, stamps, values, MINUTE_MS, minute)
+                _runs(sid, stamps, values, HOUR_MS, hour)
             latest[sid] = (sid, fid, did, stamps[-1], values[-1], None)
         for name, (ts, text) in parsed.states.items():
             sid = known.get((did, name))
@@ -344,41 +388,78 @@ class IngestPipeline:
     # -- the writer --------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        while True:
-            jobs = [await self._queue.get()]
-            if self.linger_s:
-                await asyncio.sleep(self.linger_s)
-            size = jobs[0].point_count
-            while size < self.max_batch_points and not self._queue.empty():
-                job = self._queue.get_nowait()
-                jobs.append(job)
-                size += job.point_count
-            started = time.perf_counter()
-            try:
-                outcomes, came_online = await self._flush(jobs)
-            except Exception as exc:
-                log.exception("ingest_batch_failed", jobs=len(jobs))
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                    self._queue.task_done()
-                continue
-            BATCH_SECONDS.observe(time.perf_counter() - started)
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                if not job.future.done():
-                    job.future.set_result(outcome)
-                self._queue.task_done()
-            for device in came_online:
-                await self.bus.publish(
-                    "device.online",
-                    {
-                        "factory_id": device.factory_id,
-                        "device_id": device.device_id,
-                        "device_key": device.device_key,
-                    },
-                )
+        """Commit batches one after another, two stages deep.
 
-    async def _flush(self, jobs: list[_Job]) -> tuple[list[IngestOutcome], list[DeviceRef]]:
+        When a batch commits, whatever queued meanwhile starts its write at once, and
+        only then are the committed batch's callers released. They parse their next
+        messages while the database works on that next batch, instead of the two
+        taking turns (every caller waiting on one batch, then all parsing while the
+        database idles).
+        """
+        running: tuple[list[_Job], asyncio.Task[_Flushed]] | None = None
+        while True:
+            if running is None:
+                first = await self._queue.get()
+                if self.linger_s:
+                    await asyncio.sleep(self.linger_s)
+                jobs = self._take([first])
+                running = (jobs, self._start(jobs))
+                continue
+            jobs, task = running
+            try:
+                flushed: _Flushed | BaseException = await task
+            except Exception as exc:
+                flushed = exc
+            following = self._take([])
+            running = (following, self._start(following)) if following else None
+            await self._finish(jobs, flushed)
+
+    def _take(self, jobs: list[_Job]) -> list[_Job]:
+        """Add queued jobs to `jobs` up to the batch size; never waits."""
+        size = sum(job.point_count for job in jobs)
+        while size < self.max_batch_points and not self._queue.empty():
+            job = self._queue.get_nowait()
+            jobs.append(job)
+            size += job.point_count
+        return jobs
+
+    def _start(self, jobs: list[_Job]) -> asyncio.Task[_Flushed]:
+        async def timed() -> _Flushed:
+            started = time.perf_counter()
+            flushed = await self._flush(jobs)
+            BATCH_SECONDS.observe(time.perf_counter() - started)
+            return flushed
+
+        return asyncio.get_running_loop().create_task(timed())
+
+    async def _finish(self, jobs: list[_Job], flushed: _Flushed | BaseException) -> None:
+        """Release a batch's callers: with their outcomes once it committed, else with
+        the error (nothing of theirs was acknowledged)."""
+        if isinstance(flushed, BaseException):
+            log.error("ingest_batch_failed", jobs=len(jobs), exc_info=flushed)
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(flushed)
+                self._queue.task_done()
+            return
+        outcomes, came_online = flushed
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if not job.future.done():
+                job.future.set_result(outcome)
+            self._queue.task_done()
+        for partition, items in telemetry_events(jobs).items():
+            await self.bus.publish(f"telemetry.{partition}", {"items": items})
+        for device in came_online:
+            await self.bus.publish(
+                "device.online",
+                {
+                    "factory_id": device.factory_id,
+                    "device_id": device.device_id,
+                    "device_key": device.device_key,
+                },
+            )
+
+    async def _flush(self, jobs: list[_Job]) -> _Flushed:
         outcomes = [IngestOutcome() for _ in jobs]
         dead: list[dict[str, Any]] = []
         seen: dict[int, tuple[DeviceRef, int]] = {}
