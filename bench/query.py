@@ -38,6 +38,7 @@ from common import backend_of, emit, machine, throwaway_database
 
 from plantwatch.core.db import Database
 from plantwatch.telemetry import kpis, store
+from plantwatch.telemetry.latest import LatestCache
 from plantwatch.telemetry.partitions import DAY_MS, Partitions
 from plantwatch.telemetry.rollups import HOUR_MS, MINUTE_MS, aggregate
 
@@ -178,8 +179,16 @@ async def measure(db: Database, now_ms: int, runs: int) -> list[dict[str, Any]]:
         return run
 
     directory = kpis.SeriesDirectory()
+    cache = LatestCache()
 
     async def latest(_: int) -> str:
+        # As the API answers it: values from memory (reloaded from the table every
+        # `refresh_s`, which some of the runs pay), metadata from the directory.
+        async with db.engine.connect() as conn:
+            values = await kpis.latest_values(conn, 1, directory=directory, cache=cache)
+        return f"{len(values)} values"
+
+    async def latest_from_table(_: int) -> str:
         async with db.engine.connect() as conn:
             values = await kpis.latest_values(conn, 1, directory=directory)
         return f"{len(values)} values"
@@ -189,6 +198,7 @@ async def measure(db: Database, now_ms: int, runs: int) -> list[dict[str, Any]]:
         await timed("chart_30d_1s_series_500pts_last", 20, chart("sec", 30, "last"), runs),
         await timed("chart_1y_500pts_avg", 50, chart("year", 365, "avg"), runs),
         await timed("latest_10000_series", 20, latest, runs),
+        await timed("latest_10000_series_from_table", None, latest_from_table, runs),
     ]
 
 
@@ -209,7 +219,9 @@ async def main() -> None:
     summary: dict[str, Any] = {"database": backend_of(url), **machine(), **seeded}
     for r in results:
         summary[f"{r['query']}_p50_ms"] = r["p50_ms"]
-    summary["targets_met"] = all(r["p50_ms"] < r["target_p50_ms"] for r in results)
+    summary["targets_met"] = all(
+        r["p50_ms"] < r["target_p50_ms"] for r in results if r["target_p50_ms"] is not None
+    )
     emit(summary)
 
 

@@ -8,6 +8,7 @@ from plantwatch.core.bus import Bus, InProcessBus
 from plantwatch.core.config import Settings
 from plantwatch.core.db import Database
 from plantwatch.telemetry.kpis import SeriesDirectory
+from plantwatch.telemetry.latest import LatestCache
 from plantwatch.telemetry.partitions import Partitions
 from plantwatch.telemetry.payloads import Limits
 from plantwatch.telemetry.pipeline import IngestPipeline
@@ -35,6 +36,8 @@ class Container:
     pipeline: IngestPipeline
     # Per-process cache of series metadata for latest-value reads (values are never cached).
     series: SeriesDirectory = field(default_factory=SeriesDirectory)
+    # Latest values in memory, written through by this process's ingest.
+    latest: LatestCache = field(default_factory=LatestCache)
     _started: bool = False
 
     @classmethod
@@ -43,6 +46,7 @@ class Container:
         db = Database(settings.resolved_database_url)
         bus = InProcessBus()
         partitions = Partitions(db.engine)
+        latest = LatestCache()
         return cls(
             settings=settings,
             db=db,
@@ -57,7 +61,9 @@ class Container:
                 limits=ingest_limits(settings),
                 max_batch_points=settings.ingest_batch_points,
                 linger_s=settings.ingest_linger_ms / 1000,
+                latest=latest,
             ),
+            latest=latest,
         )
 
     async def start(self) -> None:

@@ -40,6 +40,7 @@ from plantwatch.core.config import Settings
 from plantwatch.core.db import Database
 from plantwatch.core.errors import NotFound, Problem
 from plantwatch.core.logging import configure_logging
+from plantwatch.core.runtime import tune_gc
 from plantwatch.scheduler import SchedulerRole
 from plantwatch.tenancy import service as tenancy_service
 from plantwatch.tenancy.permissions import Role
@@ -377,6 +378,7 @@ async def _serve_roles(
     on_started: Callable[[Sequence[RoleRunner]], None],
 ) -> int:
     """Start the runners in order, report, run until a signal or a role stops. Exit code."""
+    tune_gc()
     started: list[RoleRunner] = []
 
     def force_stop() -> None:

@@ -648,3 +648,34 @@ async def test_energy_split_at_the_hour_is_exact(container: Container) -> None:
                 split = await kpis._energy_today(conn, caps, day0, now)
                 for sid in caps:
                     assert split[sid] == pytest.approx(whole.get(sid, 0.0)), (sid, now)
+
+
+async def test_latest_values_come_from_memory_and_see_other_processes(
+    client: httpx.AsyncClient, container: Container, admin_a: LoggedIn
+) -> None:
+    """The dashboard read is answered from memory: this process's points show at once,
+    points another process committed (here written straight to the table) show once the
+    cache's refresh interval has passed, and a reload never steps back to an older value."""
+    device = await keyed_device(client, admin_a, "M1")
+    now = now_ms()
+    url = "/api/v1/telemetry/latest"
+
+    async def temp() -> float:
+        rows = (await _get(client, admin_a, url))["data"]
+        return float({r["key"]: r["value"] for r in rows}["temp"])
+
+    await _send(client, device, [{"ts": now - 5000, "values": {"temp": 20}}])
+    assert await temp() == 20.0
+    await _send(client, device, [{"ts": now - 4000, "values": {"temp": 21}}])
+    assert await temp() == 21.0  # written through by this process's ingest
+
+    sid = (await _get(client, admin_a, url))["data"][0]["parameter_id"]
+    other = [store.LatestRow(sid, device.owner.factory_id, device.id, now - 3000, 22.0, None)]
+    async with container.db.engine.begin() as conn:  # another process's commit
+        await store.write_latest(conn, other)
+    container.latest.refresh_s = 0.0
+    assert await temp() == 22.0
+
+    # A point applied in memory that the table does not have yet survives a reload.
+    container.latest.apply([(sid, device.owner.factory_id, device.id, now - 1000, 23.0, None)])
+    assert await temp() == 23.0

@@ -154,6 +154,7 @@ async def latest_values(
         parameters=_keys(parameters, "parameters"),
         kpi_only=kpi_only,
         directory=container(request).series,
+        cache=container(request).latest,
     )
     offset = (page - 1) * per_page
     body = {

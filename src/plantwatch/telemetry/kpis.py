@@ -4,10 +4,11 @@ values for dashboards, and energy (current power, energy today).
 Every function takes the factory from the caller and answers only for that
 factory's devices; another factory's device is `device_not_found`.
 
-Latest values always come from `series_latest`, so any process sees what any
-ingest process wrote. What changes rarely — which device and parameter a
-series is, its unit, limits and offline limit — is cached per factory for a
-few seconds (`SeriesDirectory`), so the dashboard query reads one narrow table.
+Latest values live in `series_latest`; the factory-wide read for dashboards is
+answered from memory (`latest.LatestCache`: this process's commits at once,
+other processes' within seconds). What changes rarely — which device and
+parameter a series is, its unit, limits and offline limit — is cached per
+factory for a few seconds (`SeriesDirectory`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any, TypedDict, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -28,6 +28,7 @@ from plantwatch.assets.models import Device, DeviceParameter
 from plantwatch.core.db import utcnow
 from plantwatch.core.errors import NotFound, Problem
 from plantwatch.telemetry import queries
+from plantwatch.telemetry.latest import Entry, LatestCache, of_devices
 from plantwatch.telemetry.models import series_latest
 from plantwatch.telemetry.rollups import HOUR_MS
 from plantwatch.telemetry.schemas import (
@@ -428,6 +429,7 @@ async def latest_values(
     kpi_only: bool = False,
     now: dt.datetime | None = None,
     directory: SeriesDirectory,
+    cache: LatestCache | None = None,
 ) -> list[LatestValue]:
     """The latest value of every series of the factory (optionally of some devices,
     parameter keys, KPIs only), ordered by device, KPIs first, then key.
@@ -435,11 +437,18 @@ async def latest_values(
     The work is one read of `series_latest` and one pass over its rows.
     """
     now_ms = _ms(now or utcnow())
-    rows = await queries.latest_rows(conn, factory_id, device_ids)
-    if not rows:
+    entries: dict[int, Entry]
+    if cache is None:
+        rows = await queries.latest_rows(conn, factory_id, device_ids)
+        entries = {sid: (did, ts, value, text) for sid, did, ts, value, text in rows}
+    else:
+        entries = await cache.values(conn, factory_id)
+        if device_ids is not None:
+            entries = of_devices(entries, device_ids)
+    if not entries:
         return []
     by_id, mark = await directory.get(conn, factory_id)
-    newest = max(map(itemgetter(0), rows))
+    newest = max(entries)
     if newest > mark:  # a series discovered since the last load
         by_id, mark = await directory.get(conn, factory_id, newest_seen=newest)
     wanted = frozenset(parameters) if parameters else None
@@ -447,7 +456,7 @@ async def latest_values(
     utc = dt.UTC
     stamps: dict[int, dt.datetime] = {}  # values of one payload share their timestamp
     slots: list[dict[str, Any] | None] = [None] * len(by_id)
-    for sid, _, ts, value, text in rows:
+    for sid, (_, ts, value, text) in entries.items():
         info = by_id.get(sid)
         if info is None:  # its parameter was deleted
             continue
@@ -456,14 +465,13 @@ async def latest_values(
         when = stamps.get(ts)
         if when is None:
             when = stamps[ts] = fromts(ts / 1000, utc)
-        item = info.static.copy()
+        limits = info.limits
+        item = info.static.copy()  # cheaper than a dict display with ** (measured)
         item["value"] = value
         item["text"] = text
         item["ts"] = when
         item["stale"] = now_ms - ts >= info.offline_after_ms
-        item["level"] = (
-            level_of(value, *info.limits) if info.limits is not None and value is not None else None
-        )
+        item["level"] = None if limits is None or value is None else level_of(value, *limits)
         slots[info.rank] = item
     return cast(list[LatestValue], [item for item in slots if item is not None])
 

@@ -44,6 +44,7 @@ from plantwatch.core.bus import Bus
 from plantwatch.core.db import Database, utcnow
 from plantwatch.core.jsonutil import dumps
 from plantwatch.telemetry import payloads, store
+from plantwatch.telemetry.latest import LatestCache
 from plantwatch.telemetry.models import DeadLetter
 from plantwatch.telemetry.partitions import DAY_MS, Partitions
 from plantwatch.telemetry.rollups import HOUR_MS, MINUTE_MS, Agg, merge
@@ -209,6 +210,7 @@ class IngestPipeline:
         limits: payloads.Limits = payloads.Limits(),
         max_batch_points: int = 50_000,
         linger_s: float = 0.0,
+        latest: LatestCache | None = None,
     ) -> None:
         self.db = db
         self.bus = bus
@@ -216,6 +218,7 @@ class IngestPipeline:
         self.limits = limits
         self.max_batch_points = max_batch_points
         self.linger_s = linger_s
+        self.latest = latest
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         # (device_id, key) -> series id; parameters are never renamed, only deleted.
@@ -601,6 +604,8 @@ class IngestPipeline:
             return came_online
 
         came_online = await self._on_connection(write)
+        if self.latest is not None:
+            self.latest.apply(latest_rows)
 
         for source, count in accepted.items():
             POINTS.labels(source).inc(count)

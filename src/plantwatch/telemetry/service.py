@@ -9,7 +9,7 @@ import datetime as dt
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -47,6 +47,19 @@ class FactoryRef:
     auto_register_devices: bool
 
 
+# Cache entries kept per map: senders can present any number of unknown keys, slugs
+# and topics, so each map is emptied when it reaches this size (then refilled on demand).
+MAX_CACHE_ENTRIES = 50_000
+
+_M = TypeVar("_M", bound=dict[Any, Any])
+
+
+def _bounded(cache: _M) -> _M:
+    if len(cache) >= MAX_CACHE_ENTRIES:
+        cache.clear()
+    return cache
+
+
 class DeviceDirectory:
     """Resolves senders to devices with a short-lived cache, so ingest does not query
     the database per message. Revoking a key or decommissioning a device takes
@@ -56,7 +69,10 @@ class DeviceDirectory:
         self.db = db
         self.ttl_s = ttl_s
         self._by_digest: dict[str, tuple[float, DeviceRef | None]] = {}
-        self._by_topic: dict[tuple[str, str], tuple[float, DeviceRef | None]] = {}
+        # factory id -> (expires, the factory's active devices by key)
+        self._topics: dict[int, tuple[float, dict[str, DeviceRef]]] = {}
+        # (factory id, device key) -> expires: keys with no active device
+        self._topic_misses: dict[tuple[int, str], float] = {}
         self._factories: dict[str, tuple[float, FactoryRef | None]] = {}
         # entry -> [lock, users]: concurrent misses of one entry wait for the first query
         # instead of each querying (an expiring entry under load would otherwise send
@@ -77,7 +93,8 @@ class DeviceDirectory:
 
     def invalidate(self) -> None:
         self._by_digest.clear()
-        self._by_topic.clear()
+        self._topics.clear()
+        self._topic_misses.clear()
         self._factories.clear()
 
     async def by_key(self, presented_key: str) -> DeviceRef | None:
@@ -106,7 +123,7 @@ class DeviceDirectory:
                     )
                 ).first()
             ref = DeviceRef(row[0], row[1], row[2]) if row else None
-            self._by_digest[digest] = (now + self.ttl_s, ref)
+            _bounded(self._by_digest)[digest] = (now + self.ttl_s, ref)
             return ref
 
     async def factory(self, slug: str) -> FactoryRef | None:
@@ -127,19 +144,33 @@ class DeviceDirectory:
                     )
                 ).first()
             ref = FactoryRef(row[0], row[1], row[2]) if row else None
-            self._factories[slug] = (now + self.ttl_s, ref)
+            _bounded(self._factories)[slug] = (now + self.ttl_s, ref)
             return ref
 
     async def by_topic(self, factory: FactoryRef, device_key: str) -> DeviceRef | None:
-        """The active device `device_key` of this factory, or None."""
+        """The active device `device_key` of this factory, or None.
+
+        The factory's active devices are loaded in one query and kept for `ttl_s`: with
+        an entry per device, each expiring on its own, a thousand devices would cost a
+        thousand queries every `ttl_s`. A key missing from the snapshot is looked up on
+        its own (a device registered since the load is accepted at once), and a miss is
+        remembered for `ttl_s`.
+        """
         now = time.monotonic()
-        hit = self._by_topic.get((factory.slug, device_key))
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        snapshot = self._topics.get(factory.factory_id)
+        if snapshot is None or snapshot[0] <= now:
+            snapshot = await self._load_topics(factory)
+        ref = snapshot[1].get(device_key)
+        if ref is not None:
+            return ref
+        miss_key = (factory.factory_id, device_key)
+        missed_until = self._topic_misses.get(miss_key)
+        if missed_until is not None and missed_until > now:
+            return None
         async with self._loading(("topic", factory.slug, device_key)):
-            hit = self._by_topic.get((factory.slug, device_key))
-            if hit is not None and hit[0] > time.monotonic():
-                return hit[1]
+            ref = snapshot[1].get(device_key)
+            if ref is not None:
+                return ref
             async with self.db.session() as session:
                 row = (
                     await session.execute(
@@ -148,9 +179,32 @@ class DeviceDirectory:
                         )
                     )
                 ).first()
-            ref = DeviceRef(factory.factory_id, row[0], device_key) if row and row[1] else None
-            self._by_topic[(factory.slug, device_key)] = (now + self.ttl_s, ref)
-            return ref
+            if row and row[1]:
+                ref = snapshot[1][device_key] = DeviceRef(factory.factory_id, row[0], device_key)
+                return ref
+            _bounded(self._topic_misses)[miss_key] = now + self.ttl_s
+            return None
+
+    async def _load_topics(self, factory: FactoryRef) -> tuple[float, dict[str, DeviceRef]]:
+        async with self._loading(("topics", factory.slug)):
+            snapshot = self._topics.get(factory.factory_id)
+            if snapshot is not None and snapshot[0] > time.monotonic():
+                return snapshot
+            async with self.db.session() as session:
+                rows = (
+                    await session.execute(
+                        select(Device.id, Device.device_key).where(
+                            Device.factory_id == factory.factory_id, Device.is_active.is_(True)
+                        )
+                    )
+                ).all()
+            fid = factory.factory_id
+            snapshot = (
+                time.monotonic() + self.ttl_s,
+                {key: DeviceRef(fid, did, key) for did, key in rows},
+            )
+            _bounded(self._topics)[fid] = snapshot
+            return snapshot
 
     async def register(self, factory: FactoryRef, device_key: str) -> DeviceRef:
         """Auto-register a device seen for the first time (when the factory allows it)."""
@@ -178,7 +232,10 @@ class DeviceDirectory:
                 )
                 await session.commit()
             ref = DeviceRef(factory.factory_id, existing.id, device_key)
-        self._by_topic[(factory.slug, device_key)] = (time.monotonic() + self.ttl_s, ref)
+        snapshot = self._topics.get(factory.factory_id)
+        if snapshot is not None:
+            snapshot[1][device_key] = ref
+        self._topic_misses.pop((factory.factory_id, device_key), None)
         return ref
 
 
