@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import text
 
 from plantwatch.app import Container
@@ -183,6 +184,46 @@ async def test_replay_after_registering_the_device(
     assert shown.json()["data"]["replayed_at"] is not None
     summary = await client.get("/api/v1/dead-letters/summary", headers=admin_a.headers)
     assert summary.json()["data"]["open_by_reason"] == {}
+
+
+@pytest.mark.parametrize(("source", "age_days"), [("mqtt", 10), ("import", 400)])
+async def test_replay_days_later_judges_timestamps_as_when_received(
+    client: httpx.AsyncClient,
+    container: Container,
+    admin_a: LoggedIn,
+    factory_a: Factory,
+    source: str,
+    age_days: int,
+) -> None:
+    """A live payload fixed ten days later is judged against when it arrived (the live
+    limit is 7 days of past), and an imported row of any age replays as an import."""
+    import datetime as dt
+
+    day_ms = 86_400_000
+    received = now_ms() - 10 * day_ms  # arrived ten days ago, with a fresh timestamp
+    point_ts = (received if source == "mqtt" else now_ms() - age_days * day_ms) - 1000
+    payload = json.dumps({"ts": point_ts, "values": {"flow": 3.5}}).encode()
+    await container.pipeline.dead_letter(
+        factory_id=factory_a.id,
+        source=source,
+        raw=payload,
+        reason="unknown_device",
+        detail="no device 'P8'",
+        topic=None,
+        device_key="P8",
+    )
+    async with container.db.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE dead_letters SET received_at = :at"),
+            {"at": dt.datetime.fromtimestamp(received / 1000, dt.UTC)},
+        )
+    await keyed_device(client, admin_a, "P8")
+    [letter] = await _dead_letters(client, admin_a, reason="unknown_device")
+    replayed = await client.post(
+        "/api/v1/dead-letters/replay", json={"ids": [letter["id"]]}, headers=admin_a.headers
+    )
+    assert replayed.json()["data"][0]["status"] == "stored", replayed.text
+    assert await _rows(container, "SELECT ts, value FROM telemetry_raw") == [(point_ts, 3.5)]
 
 
 async def test_dead_letters_are_tenant_scoped_and_replay_needs_permission(

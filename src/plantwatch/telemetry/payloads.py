@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,18 @@ class Limits:
     # Allowed distance of a timestamp from now; None = any age (backfill imports).
     max_future_ms: int | None = 5 * 60 * 1000
     max_past_ms: int | None = 7 * 24 * 3600 * 1000
+
+
+def backfill_limits(live: Limits, max_entries: int = 0) -> Limits:
+    """Limits for history being loaded (imports and their replays): timestamps of any
+    age, any payload size; the live metric count, and at least `max_entries` entries."""
+    return Limits(
+        max_bytes=sys.maxsize,
+        max_entries=max(max_entries, live.max_entries),
+        max_metrics=live.max_metrics,
+        max_future_ms=None,
+        max_past_ms=None,
+    )
 
 
 @dataclass(frozen=True)

@@ -297,13 +297,16 @@ class IngestPipeline:
         topic: str | None = None,
         limits: payloads.Limits | None = None,
         record_rejects: bool = True,
+        received_ms: int | None = None,
     ) -> IngestOutcome:
         """Parse, store durably, dead-letter what is bad; returns once committed.
 
         `record_rejects=False` (replays) reports rejects without storing new dead letters.
+        `received_ms` (replays): when the payload first arrived; timestamps are judged
+        against it, not against now.
         """
         now_ms = int(time.time() * 1000)
-        parsed = payloads.parse_columns(raw, now_ms, limits or self.limits)
+        parsed = payloads.parse_columns(raw, received_ms or now_ms, limits or self.limits)
         job = _Job(
             device,
             device.factory_id,

@@ -27,6 +27,7 @@ from plantwatch.telemetry.models import (
     series_latest,
     telemetry_raw,
 )
+from plantwatch.telemetry.payloads import backfill_limits
 from plantwatch.telemetry.pipeline import DeviceRef, IngestPipeline
 from plantwatch.tenancy.audit import Actor, record
 from plantwatch.tenancy.models import Factory
@@ -415,8 +416,16 @@ async def replay(
                 )
             )
             continue
+        # Timestamps are judged as when the payload arrived (a fix may come days later),
+        # and an imported file's rows as an import judges them: any age.
         outcome = await pipeline.ingest(
-            device, letter.payload, source="replay", topic=letter.topic, record_rejects=False
+            device,
+            letter.payload,
+            source="replay",
+            topic=letter.topic,
+            record_rejects=False,
+            received_ms=int(letter.received_at.timestamp() * 1000),
+            limits=backfill_limits(pipeline.limits) if letter.source == "import" else None,
         )
         if outcome.rejects:
             detail = "; ".join(f"{r.reason}: {r.detail}" for r in outcome.rejects[:3])

@@ -43,7 +43,6 @@ import io
 import json
 import math
 import re
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -607,13 +606,7 @@ class Importer:
         self.pipeline = pipeline
         self.factory_id = factory_id
         self.chunk_rows = chunk_rows
-        self.limits = payloads.Limits(
-            max_bytes=sys.maxsize,
-            max_entries=max(chunk_rows, pipeline.limits.max_entries),
-            max_metrics=pipeline.limits.max_metrics,
-            max_future_ms=None,
-            max_past_ms=None,
-        )
+        self.limits = payloads.backfill_limits(pipeline.limits, chunk_rows)
         # device_key -> (ref, is_active), or None when the factory has no such device
         self._devices: dict[str, tuple[DeviceRef, bool] | None] = {}
         self._stored_devices: set[str] = set()
