@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -69,10 +70,11 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def mosquitto(url: str | None) -> AsyncIterator[tuple[str, int]]:
+async def mosquitto(url: str | None) -> AsyncIterator[tuple[str, int, int | None]]:
+    """(host, port, pid of the broker if the bench started it)."""
     if url:
         parsed = MqttUrl.parse(url)
-        yield parsed.host, parsed.port
+        yield parsed.host, parsed.port, None
         return
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     workdir = Path(tempfile.mkdtemp(prefix="plantwatch-bench-mqtt-"))
@@ -95,7 +97,7 @@ async def mosquitto(url: str | None) -> AsyncIterator[tuple[str, int]]:
             await asyncio.sleep(0.05)
         else:
             raise RuntimeError("mosquitto did not start")
-        yield "127.0.0.1", port
+        yield "127.0.0.1", port, process.pid
     finally:
         process.terminate()
         process.wait(10)
@@ -128,22 +130,25 @@ class Counting:
         self.done = asyncio.Event()
         self.last_at = 0.0
 
-    async def handle_message(self, topic: str, payload: bytes, *, broker: str = "x") -> str:
-        result = await self.ingest.handle_message(topic, payload, broker=broker)
-        if result == STORED:
-            self.stored += 1
-        else:
-            self.other[result] = self.other.get(result, 0) + 1
+    async def handle_messages(
+        self, messages: list[tuple[str, bytes]], *, broker: str = "x"
+    ) -> list[str]:
+        results = await self.ingest.handle_messages(messages, broker=broker)
+        for result in results:
+            if result == STORED:
+                self.stored += 1
+            else:
+                self.other[result] = self.other.get(result, 0) + 1
         self.last_at = time.perf_counter()
         if self.stored >= self.expected:
             self.done.set()
-        return result
+        return results
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     async with (
         throwaway_database(args.database_url) as url,
-        mosquitto(args.broker_url) as (host, port),
+        mosquitto(args.broker_url) as (host, port, broker_pid),
     ):
         devices = await seed_devices(url, args.devices)
         data_dir = Path(tempfile.mkdtemp(prefix="plantwatch-bench-data-"))
@@ -171,6 +176,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             counts = [args.messages // args.publishers] * args.publishers
             counts[0] += args.messages - sum(counts)
             started = time.perf_counter()
+            me = psutil.Process()
+            cpu_before = me.cpu_times()
+            broker_process = broker_pid and psutil.Process(broker_pid)
+            broker_before = broker_process.cpu_times() if broker_process else None
             children = []
             for share, count in zip(shares, counts, strict=True):
                 child = await asyncio.create_subprocess_exec(
@@ -190,6 +199,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             published = [orjson.loads(out) for out, _ in outputs]
             await asyncio.wait_for(counting.done.wait(), 600)
             seconds = counting.last_at - started
+            cpu_after = me.cpu_times()
+            cpu_share = {
+                "plantwatch_cpu_share": round(
+                    (cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system)
+                    / seconds,
+                    2,
+                )
+            }
+            if broker_process and broker_before:
+                now_cpu = broker_process.cpu_times()
+                cpu_share["broker_cpu_share"] = round(
+                    (now_cpu.user + now_cpu.system - broker_before.user - broker_before.system)
+                    / seconds,
+                    2,
+                )
             await container.pipeline._queue.join()
         finally:
             rss = sampler.stop()
@@ -218,6 +242,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "in_flight": args.in_flight,
             "subscriber_connections": subscriber.connections,
             "subscriber_last_error": subscriber.last_error,
+            **cpu_share,
             "database": backend_of(url),
             "broker": "external" if args.broker_url else "mosquitto (started by the bench)",
             **{k: v for k, v in rss.items() if k.startswith("rss")},

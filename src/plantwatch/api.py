@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from plantwatch import __version__
+from plantwatch.alerts.routes import router as alerts_router
 from plantwatch.app import Container
 from plantwatch.assets.routes import router as assets_router
 from plantwatch.connectors.mqtt import mqtt_health
@@ -21,7 +22,9 @@ from plantwatch.core.config import Settings
 from plantwatch.core.errors import install_error_handlers
 from plantwatch.core.http import RequestContextMiddleware
 from plantwatch.core.jsonutil import dumps
+from plantwatch.notify.routes import router as notify_router
 from plantwatch.rules.routes import router as rules_router
+from plantwatch.stream.routes import router as stream_router
 from plantwatch.telemetry.kpi_routes import router as kpi_router
 from plantwatch.telemetry.routes import router as telemetry_router
 from plantwatch.telemetry.transfer_routes import router as transfer_router
@@ -33,7 +36,10 @@ DOMAIN_ROUTERS = [
     telemetry_router,
     transfer_router,
     rules_router,
+    alerts_router,
+    notify_router,
     kpi_router,
+    stream_router,
 ]
 
 

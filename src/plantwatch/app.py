@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from plantwatch.core.bus import Bus, InProcessBus
 from plantwatch.core.config import Settings
 from plantwatch.core.db import Database
+from plantwatch.stream.service import StreamService
 from plantwatch.telemetry.kpis import SeriesDirectory
 from plantwatch.telemetry.latest import LatestCache
 from plantwatch.telemetry.partitions import Partitions
@@ -34,6 +35,8 @@ class Container:
     partitions: Partitions
     devices: DeviceDirectory
     pipeline: IngestPipeline
+    # The live stream: records this process's alert/device events, serves SSE clients.
+    stream: StreamService
     # Per-process cache of series metadata for latest-value reads (values are never cached).
     series: SeriesDirectory = field(default_factory=SeriesDirectory)
     # Latest values in memory, written through by this process's ingest.
@@ -64,6 +67,7 @@ class Container:
                 latest=latest,
             ),
             latest=latest,
+            stream=StreamService(db, bus),
         )
 
     async def start(self) -> None:
@@ -72,10 +76,12 @@ class Container:
             return
         self._started = True
         await self.pipeline.start()
+        await self.stream.start()
 
     async def close(self) -> None:
         if self._started:
             await self.pipeline.stop()
+            await self.stream.stop()
             self._started = False
         await self.bus.close()
         await self.db.dispose()

@@ -293,6 +293,8 @@ class ApiRole:
             await asyncio.shield(self._task)
 
     def request_stop(self, force: bool = False) -> None:
+        # Open SSE streams end now; uvicorn would otherwise wait for them.
+        self.ctx.container.stream.shutdown()
         if self._server is not None:
             self._server.should_exit = True
             if force:
@@ -312,9 +314,27 @@ def _ingest_role(ctx: RoleContext) -> RoleRunner:
 # The roles that exist, each runnable alone with `plantwatch run NAME`; `up` runs
 # them all. Later roles (ingest, rules, jobs, scheduler) register here, and the
 # embedded MQTT broker joins `_up_runners` as a runner of its own.
+def _jobs_role(ctx: RoleContext) -> RoleRunner:
+    """Background jobs: notification dispatch and delivery; see plantwatch.notify.role."""
+    from plantwatch.notify.role import JobsRole
+
+    return JobsRole(ctx)
+
+
+def _rules_role(ctx: RoleContext) -> RoleRunner:
+    """The live rule engine (telemetry.* -> alerts); see plantwatch.rules.engine."""
+    from plantwatch.rules.engine import RulesRole
+
+    return RulesRole(ctx)
+
+
 ROLES: dict[str, RoleFactory] = {
     "api": ApiRole,
     "scheduler": SchedulerRole,
+    # before rules, so alert events find the notification dispatcher listening
+    "jobs": _jobs_role,
+    # before ingest, so the engine listens before the first point arrives
+    "rules": _rules_role,
     "ingest": _ingest_role,
 }
 

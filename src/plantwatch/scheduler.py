@@ -1,9 +1,10 @@
 """The scheduler role: clocks that must run once per deployment, not once per process.
 
-Today: device offline detection, raw-table partitions created a week ahead,
-retention of every time-series tier, and cleanup of data whose parameter was
-deleted. On PostgreSQL only the holder of an advisory lock runs the jobs, so
-several `plantwatch run scheduler` processes give a hot standby, not double work.
+Today: device offline detection, alert SLA deadlines and reminders (every
+second), raw-table partitions created a week ahead, retention of every
+time-series tier, and cleanup of data whose parameter was deleted. On PostgreSQL
+only the holder of an advisory lock runs the jobs, so several `plantwatch run
+scheduler` processes give a hot standby, not double work.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from plantwatch.alerts.sla import sweep_sla
 from plantwatch.app import Container
+from plantwatch.core.db import utcnow
+from plantwatch.notify.digest import queue_digests
+from plantwatch.notify.service import renderer_for
 from plantwatch.telemetry.partitions import Retention
 from plantwatch.telemetry.service import purge_orphans, sweep_offline
 
@@ -59,10 +64,23 @@ def jobs_for(container: Container) -> list[Job]:
         removed["orphan_series"] = await purge_orphans(container.db.engine)
         return removed
 
+    async def stream_retention() -> Any:
+        return await container.stream.purge()
+
+    async def digests() -> Any:
+        renderer = renderer_for(settings.notify_templates_dir)
+        return await queue_digests(container.db, settings, renderer, utcnow())
+
+    async def sla() -> Any:
+        return len(await sweep_sla(container.db, container.bus))
+
     return [
         Job("offline_sweep", settings.offline_sweep_interval_s, offline),
         Job("partitions_ahead", 3600, partitions_ahead),
         Job("retention", 3600, retain),
+        Job("alert_sla", 1.0, sla),
+        Job("notify_digest", 300, digests),
+        Job("stream_retention", 600, stream_retention),
     ]
 
 

@@ -85,10 +85,32 @@ def sla_clock(
     now: dt.datetime,
     last_reminder_at: dt.datetime | None = None,
 ) -> SlaClock:
-    ack_due = triggered_at + dt.timedelta(seconds=policy.ack_s) if policy.ack_s else None
-    resolve_due = (
-        triggered_at + dt.timedelta(seconds=policy.resolve_s) if policy.resolve_s else None
+    ack_due, resolve_due = due_times(policy, triggered_at)
+    return clock_at(
+        ack_due, resolve_due, policy.remind_every_s, state, acknowledged_at, now, last_reminder_at
     )
+
+
+def due_times(
+    policy: SlaPolicy, started_at: dt.datetime
+) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """The deadlines an alert gets when its SLA starts (when it opens or is reopened)."""
+    ack_due = started_at + dt.timedelta(seconds=policy.ack_s) if policy.ack_s else None
+    resolve_due = started_at + dt.timedelta(seconds=policy.resolve_s) if policy.resolve_s else None
+    return ack_due, resolve_due
+
+
+def clock_at(
+    ack_due: dt.datetime | None,
+    resolve_due: dt.datetime | None,
+    remind_every_s: int | None,
+    state: str,
+    acknowledged_at: dt.datetime | None,
+    now: dt.datetime,
+    last_reminder_at: dt.datetime | None = None,
+) -> SlaClock:
+    """The clock for deadlines fixed earlier (alerts store theirs when the SLA starts,
+    so a later policy change does not move an open alert's deadlines)."""
     if state == RESOLVED:
         return SlaClock(ack_due, resolve_due, False, False, None)
     acked = state == ACKNOWLEDGED or acknowledged_at is not None
@@ -100,10 +122,10 @@ def sla_clock(
     if resolve_breached:
         reasons.append("not resolved in time")
     upcoming = [d for d in (None if acked else ack_due, resolve_due) if d and d > now]
-    if ack_breached and policy.remind_every_s:
+    if ack_breached and remind_every_s:
         base = last_reminder_at or ack_due
         assert base is not None
-        upcoming.append(max(base + dt.timedelta(seconds=policy.remind_every_s), now))
+        upcoming.append(max(base + dt.timedelta(seconds=remind_every_s), now))
     return SlaClock(
         ack_due,
         resolve_due,

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from plantwatch.assets.models import Device
 from plantwatch.assets.schemas import DEVICE_KEY_PATTERN
 from plantwatch.core.db import Database
-from plantwatch.telemetry.pipeline import DeviceRef, IngestPipeline
+from plantwatch.telemetry.pipeline import DeviceRef, IngestOutcome, IngestPipeline
 from plantwatch.telemetry.service import (
     DEVICE_INACTIVE,
     DEVICE_MISMATCH,
@@ -232,6 +232,49 @@ class MqttIngest:
     ) -> str:
         """Ingest one message; `sender` is the device that published it when the broker
         authenticated it (embedded broker): then the topic must be its own."""
+        resolved = await self._resolve(topic, payload, sender=sender, broker=broker)
+        if isinstance(resolved, str):
+            return resolved
+        outcome = await self.pipeline.ingest(resolved, payload, source=SOURCE, topic=topic)
+        return self._status(outcome, broker)
+
+    async def handle_messages(
+        self, messages: Sequence[tuple[str, bytes]], *, broker: str = "external"
+    ) -> list[str]:
+        """`handle_message` for messages that arrived together (one read from an external
+        broker): they are queued for the writer together and awaited together, which
+        saves the per-message task and wake-up. Raises when any could not be made
+        durable: the caller then acknowledges none of them."""
+        statuses: list[str] = []
+        accepted: list[tuple[int, DeviceRef, str, bytes]] = []
+        for topic, payload in messages:
+            resolved = await self._resolve(topic, payload, broker=broker)
+            if isinstance(resolved, str):
+                statuses.append(resolved)
+            else:
+                accepted.append((len(statuses), resolved, topic, payload))
+                statuses.append(STORED)
+        if accepted:
+            outcomes = await self.pipeline.ingest_many(
+                [(device, payload, topic) for _, device, topic, payload in accepted],
+                source=SOURCE,
+            )
+            for (index, _, _, _), outcome in zip(accepted, outcomes, strict=True):
+                statuses[index] = self._status(outcome, broker)
+        return statuses
+
+    @staticmethod
+    def _status(outcome: IngestOutcome, broker: str) -> str:
+        if not outcome.accepted and outcome.rejects:
+            reason = outcome.rejects[0].reason
+            DEAD_LETTERED.labels(broker, reason).inc()
+            return reason
+        return STORED
+
+    async def _resolve(
+        self, topic: str, payload: bytes, *, sender: DeviceRef | None = None, broker: str
+    ) -> DeviceRef | str:
+        """The device a message is for, or the reason it became a dead letter."""
         counter = self._received.get(broker)
         if counter is None:
             counter = self._received[broker] = RECEIVED.labels(broker)
@@ -277,12 +320,7 @@ class MqttIngest:
                 factory_id=factory.factory_id,
                 device_key=known_key,
             )
-        outcome = await self.pipeline.ingest(device, payload, source=SOURCE, topic=topic)
-        if not outcome.accepted and outcome.rejects:
-            reason = outcome.rejects[0].reason
-            DEAD_LETTERED.labels(broker, reason).inc()
-            return reason
-        return STORED
+        return device
 
     async def refuse_foreign_topic(
         self, topic: str, payload: bytes, sender: DeviceRef, *, broker: str

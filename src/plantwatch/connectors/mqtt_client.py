@@ -27,7 +27,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import structlog
@@ -131,7 +131,10 @@ def subscribe_packet(version: int, packet_id: int, topic_filter: str, qos: int) 
     return b"\x82" + _varint(len(body)) + body
 
 
-OnPublish = Callable[["SubscriberConnection", bytes, bytes, int, int], None]
+# (topic, payload, qos, packet id) of each PUBLISH
+Publish = tuple[bytes, bytes, int, int]
+# Called once per read from the socket with the PUBLISH packets it completed.
+OnPublish = Callable[["SubscriberConnection", list[Publish]], None]
 
 
 class SubscriberConnection(asyncio.Protocol):
@@ -148,6 +151,7 @@ class SubscriberConnection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self._subacks: dict[int, asyncio.Future[list[int]]] = {}
         self._buffer = bytearray()
+        self._publishes: list[Publish] = []
         self._paused = False
         self.last_received = time.monotonic()
 
@@ -181,6 +185,9 @@ class SubscriberConnection(asyncio.Protocol):
             self._fail(MqttError(f"protocol error: {exc}"))
             return
         del buffer[:pos]
+        if self._publishes:
+            publishes, self._publishes = self._publishes, []
+            self.on_publish(self, publishes)
 
     def connection_lost(self, exc: Exception | None) -> None:
         error = exc or MqttError("the broker closed the connection")
@@ -216,7 +223,7 @@ class SubscriberConnection(asyncio.Protocol):
             if self.in_flight >= self.max_in_flight and not self._paused and self.transport:
                 self._paused = True
                 self.transport.pause_reading()
-            self.on_publish(self, topic, body[pos:], qos, packet_id)
+            self._publishes.append((topic, body[pos:], qos, packet_id))
         elif kind == 2:  # CONNACK
             if not self.connack.done():
                 self.connack.set_result((bool(body[0] & 1), body[1]))
@@ -251,12 +258,15 @@ class SubscriberConnection(asyncio.Protocol):
         self.transport.write(data)
         return True
 
-    def ack(self, packet_id: int) -> bool:
-        """PUBACK `packet_id` on this connection (False if it is gone)."""
-        return self.send(b"\x40\x02" + struct.pack("!H", packet_id))
+    def ack_many(self, packet_ids: Sequence[int]) -> int:
+        """PUBACK each of `packet_ids` in one write; how many were sent (0: gone)."""
+        if not packet_ids:
+            return 0
+        packets = b"".join(b"\x40\x02" + pid.to_bytes(2, "big") for pid in packet_ids)
+        return len(packet_ids) if self.send(packets) else 0
 
-    def done_with_message(self) -> None:
-        self.in_flight -= 1
+    def done_with_messages(self, count: int) -> None:
+        self.in_flight -= count
         if self._paused and self.in_flight < self.max_in_flight and self.transport:
             self._paused = False
             self.transport.resume_reading()
@@ -461,30 +471,31 @@ class IngestSubscriber:
 
     # -- messages ----------------------------------------------------------------------
 
-    def _on_publish(
-        self, connection: SubscriberConnection, topic: bytes, payload: bytes, qos: int, pid: int
-    ) -> None:
-        task = asyncio.ensure_future(self._process(connection, topic, payload, qos, pid))
+    def _on_publish(self, connection: SubscriberConnection, publishes: list[Publish]) -> None:
+        task = asyncio.ensure_future(self._process(connection, publishes))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _process(
-        self, connection: SubscriberConnection, topic: bytes, payload: bytes, qos: int, pid: int
-    ) -> None:
-        self.messages += 1
+    async def _process(self, connection: SubscriberConnection, publishes: list[Publish]) -> None:
+        """Ingest the messages of one read together; ack each after its commit."""
+        self.messages += len(publishes)
         try:
-            await self.ingest.handle_message(
-                topic.decode("utf-8", "surrogateescape"), payload, broker=BROKER
+            await self.ingest.handle_messages(
+                [
+                    (topic.decode("utf-8", "surrogateescape"), payload)
+                    for topic, payload, _, _ in publishes
+                ],
+                broker=BROKER,
             )
         except Exception as exc:
             # Not durable: never ack. Dropping the connection makes the broker send every
             # unacknowledged message again when we are back (same session).
-            NOT_ACKED.labels(BROKER).inc()
+            NOT_ACKED.labels(BROKER).inc(len(publishes))
             self.last_error = f"ingest failed: {exc}"
             log.error("mqtt_ingest_failed_not_acked", error=str(exc))
             connection.abort()
         else:
-            if qos and connection.ack(pid):
-                _ACKED.inc()
+            acked = connection.ack_many([pid for _, _, qos, pid in publishes if qos])
+            _ACKED.inc(acked)
         finally:
-            connection.done_with_message()
+            connection.done_with_messages(len(publishes))

@@ -86,6 +86,24 @@ class Settings(BaseSettings):
     retention_1h_days: int = Field(default=5 * 365, ge=1)
     offline_sweep_interval_s: float = Field(default=10.0, gt=0, le=3600)
 
+    # Notifications (docs/notifications.md). E-mail goes through this SMTP server;
+    # SMS and WhatsApp through Twilio's REST API at twilio_api_base.
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "plantwatch@localhost"
+    smtp_starttls: bool = True
+    twilio_api_base: str = "https://api.twilio.com"
+    notify_max_attempts: int = Field(default=8, ge=1, le=50)
+    notify_backoff_base_s: float = Field(default=10.0, gt=0, le=3600)
+    notify_backoff_max_s: float = Field(default=3600.0, gt=0, le=86400)
+    notify_concurrency: int = Field(default=16, ge=1, le=1000)
+    notify_send_timeout_s: float = Field(default=20.0, gt=0, le=300)
+    notify_poll_interval_s: float = Field(default=2.0, gt=0, le=60)
+    notify_digest_hour: int = Field(default=7, ge=0, le=23)
+    notify_templates_dir: Path | None = None
+
     cors_origins: list[str] = Field(default_factory=list)
     trusted_proxies: list[str] = Field(default_factory=list)
 

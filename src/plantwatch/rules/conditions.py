@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from plantwatch.rules.detectors import Ewma, RollingZScore, make_detector, restore_detector
@@ -316,6 +317,16 @@ def leaves(node: Node) -> list[Leaf]:
 
 
 # --- evaluation ------------------------------------------------------------------------------
+#
+# Two ways to ask a rule's state the same question. `RuleState.holds(now)` is the hot
+# path the live engine runs on every point: a tree of closures compiled once per
+# (rule, device), no allocation, no text. `RuleState.evaluate(now)` walks the tree and
+# also says *why* (the facts and their message); the engine calls it only when the
+# answer matters (a transition). Both move the same `for` clocks the same way, and
+# asking twice at the same `now` gives the same answer, so the engine can call
+# `holds` and then `evaluate` for one moment.
+
+Check = Callable[[int, "RuleState"], bool]
 
 
 @dataclass(frozen=True)
@@ -328,97 +339,228 @@ class Fact:
     text: str
 
 
+class WindowAggregate:
+    """avg/min/max/sum/count over the points newer than `now - span`, kept incrementally:
+    a running total and monotonic queues, so reading it costs O(1) amortised."""
+
+    __slots__ = ("high", "kind", "low", "points", "span", "total", "updates")
+
+    RESUM_EVERY = 4096  # re-add the running total from scratch now and then (float drift)
+
+    def __init__(self, kind: str, span_ms: int) -> None:
+        self.kind = kind
+        self.span = span_ms
+        self.points: deque[tuple[int, float]] = deque()
+        self.total = 0.0
+        self.updates = 0
+        # (ts, value) with decreasing values (max) / increasing values (min)
+        self.high: deque[tuple[int, float]] | None = deque() if kind == "max" else None
+        self.low: deque[tuple[int, float]] | None = deque() if kind == "min" else None
+
+    def add(self, ts: int, value: float) -> None:
+        point = (ts, value)
+        self.points.append(point)
+        self.total += value
+        high, low = self.high, self.low
+        if high is not None:
+            while high and high[-1][1] <= value:
+                high.pop()
+            high.append(point)
+        elif low is not None:
+            while low and low[-1][1] >= value:
+                low.pop()
+            low.append(point)
+        self.updates += 1
+        if self.updates >= self.RESUM_EVERY:
+            self.updates = 0
+            self.total = math.fsum(v for _, v in self.points)
+
+    def value(self, now: int) -> float | None:
+        horizon = now - self.span
+        points = self.points
+        if points and points[0][0] <= horizon:
+            while points and points[0][0] <= horizon:
+                self.total -= points.popleft()[1]
+            if not points:
+                self.total = 0.0
+            for queue in (self.high, self.low):
+                if queue is not None:
+                    while queue and queue[0][0] <= horizon:
+                        queue.popleft()
+        if not points:
+            return None
+        kind = self.kind
+        if kind == "avg":
+            return self.total / len(points)
+        if kind == "sum":
+            return self.total
+        if kind == "count":
+            return float(len(points))
+        queue = self.high if kind == "max" else self.low
+        assert queue is not None
+        return queue[0][1]
+
+
+def _comparison(op: str, t: float) -> Callable[[float], bool]:
+    if op == "gt":
+        return lambda x: x > t
+    if op == "gte":
+        return lambda x: x >= t
+    if op == "lt":
+        return lambda x: x < t
+    if op == "lte":
+        return lambda x: x <= t
+    if op == "eq":
+        return lambda x: x == t
+    return lambda x: x != t
+
+
+def _predicate(leaf: Leaf) -> Callable[[float], bool]:
+    """What the leaf asks of the number it reads (no_data has none)."""
+    op = leaf.op
+    if op in COMPARISONS:
+        assert leaf.threshold is not None
+        return _comparison(op, leaf.threshold)
+    if op in RANGES:
+        low, high = leaf.low, leaf.high
+        assert low is not None and high is not None
+        if op == "between":
+            return lambda x: low <= x <= high
+        return lambda x: not low <= x <= high
+    t = leaf.threshold if leaf.threshold is not None else 0.0
+    if op in ("change", "rate"):
+        if leaf.direction == "up":
+            return lambda x: x > t
+        if leaf.direction == "down":
+            return lambda x: -x > t
+        return lambda x: abs(x) > t
+    return lambda x: x > t  # anomaly: score above threshold
+
+
+Latest = dict[str, tuple[int, float]]
+
+
 class LeafState:
+    """One leaf's state on one device.
+
+    Plain leaves (comparisons and ranges of the last value, no_data) keep nothing of
+    their own: they read the device's latest values (`latest`: parameter -> (ts,
+    value)), which the owner of that mapping updates once per point for every rule.
+    Leaves with memory — aggregates, change/rate, anomaly — are `private` and must
+    be fed every point of their parameter (`observe`)."""
+
     __slots__ = (
+        "_test",
+        "aggregate",
         "detector",
         "last_score",
         "last_ts",
         "last_value",
+        "latest",
         "leaf",
         "prev_ts",
         "prev_value",
+        "private",
         "started",
         "window",
     )
 
-    def __init__(self, leaf: Leaf, started: int) -> None:
+    def __init__(self, leaf: Leaf, started: int, latest: Latest | None = None) -> None:
         self.leaf = leaf
         self.started = started
+        self.latest: Latest = {} if latest is None else latest
         self.last_ts: int | None = None
         self.last_value: float | None = None
         self.prev_ts: int | None = None
         self.prev_value: float | None = None
-        self.window: deque[tuple[int, float]] | None = deque() if leaf.window_ms else None
-        self.detector: RollingZScore | Ewma | None = (
-            make_detector(leaf.detector, leaf.detector_size, leaf.alpha)
-            if leaf.op == "anomaly"
-            else None
-        )
         self.last_score = 0.0
+        self._test: Callable[[float], bool] | None = None
+        self.window: deque[tuple[int, float]] | None = None
+        self.aggregate: WindowAggregate | None = None
+        self.detector: RollingZScore | Ewma | None = None
+        op = leaf.op
+        self.private = leaf.aggregate is not None or op in ("change", "rate", "anomaly")
+        if not self.private:
+            return
+        if leaf.aggregate is not None:
+            self.aggregate = WindowAggregate(leaf.aggregate, leaf.window_ms)
+        elif leaf.window_ms:
+            # change/rate over a window: the points, plus one older as the baseline
+            self.window = deque()
+        if op == "anomaly":
+            self.detector = make_detector(leaf.detector, leaf.detector_size, leaf.alpha)
+
+    @property
+    def test(self) -> Callable[[float], bool]:
+        if self._test is None:
+            self._test = _predicate(self.leaf)
+        return self._test
 
     def observe(self, ts: int, value: float) -> None:
-        if self.last_ts is not None and ts < self.last_ts:
+        """Feed a private leaf one point of its parameter (plain leaves ignore it)."""
+        if not self.private:
+            return
+        last_ts = self.last_ts
+        if last_ts is not None and ts < last_ts:
             return  # a late point: the stream evaluator works on time order per device
-        self.prev_ts, self.prev_value = self.last_ts, self.last_value
+        self.prev_ts, self.prev_value = last_ts, self.last_value
         self.last_ts, self.last_value = ts, value
-        if self.window is not None:
+        if self.aggregate is not None:
+            self.aggregate.add(ts, value)
+        elif self.window is not None:
             self.window.append((ts, value))
         if self.detector is not None:
             self.last_score = self.detector.score(value)
 
-    def _trim(self, now: int) -> deque[tuple[int, float]]:
+    def _baseline(self, now: int) -> tuple[int, float]:
         window = self.window
         assert window is not None
         # Keep one point older than the window for change/rate baselines.
         horizon = now - self.leaf.window_ms
         while len(window) > 1 and window[1][0] <= horizon:
             window.popleft()
-        return window
+        return window[0]
 
     def reading(self, now: int) -> float | None:
         """The number this leaf compares, or None when it has nothing to judge."""
-        leaf = self.leaf
-        if self.last_value is None:
+        if not self.private:
+            seen = self.latest.get(self.leaf.parameter)
+            return None if seen is None else seen[1]
+        last = self.last_value
+        if last is None:
             return None
-        if leaf.aggregate is not None:
-            window = self._trim(now)
-            horizon = now - leaf.window_ms
-            values = [v for t, v in window if t > horizon]
-            if not values:
-                return None
-            agg = leaf.aggregate
-            if agg == "avg":
-                return sum(values) / len(values)
-            if agg == "min":
-                return min(values)
-            if agg == "max":
-                return max(values)
-            if agg == "sum":
-                return sum(values)
-            return float(len(values))
-        if leaf.op in ("change", "rate"):
+        if self.aggregate is not None:
+            return self.aggregate.value(now)
+        op = self.leaf.op
+        if op == "change" or op == "rate":
             if self.window is not None:
-                window = self._trim(now)
-                base_ts, base_value = window[0]
+                base_ts, base_value = self._baseline(now)
             else:
                 if self.prev_value is None or self.prev_ts is None:
                     return None
                 base_ts, base_value = self.prev_ts, self.prev_value
-            assert self.last_ts is not None
-            delta = self.last_value - base_value
-            if leaf.op == "change":
+            delta = last - base_value
+            if op == "change":
                 return delta
+            assert self.last_ts is not None
             minutes = (self.last_ts - base_ts) / 60_000
             return delta / minutes if minutes > 0 else None
-        if leaf.op == "anomaly":
-            return self.last_score
-        return self.last_value
+        return self.last_score  # anomaly
+
+    def silent_ms(self, now: int) -> int:
+        seen = self.latest.get(self.leaf.parameter)
+        return now - (self.started if seen is None else seen[0])
+
+    def hit(self, now: int) -> bool:
+        if self.leaf.op == "no_data":
+            return self.silent_ms(now) >= self.leaf.duration_ms
+        x = self.reading(now)
+        return x is not None and self.test(x)
 
     def truth(self, now: int) -> tuple[bool, Fact | None]:
         leaf = self.leaf
         if leaf.op == "no_data":
-            since = self.last_ts if self.last_ts is not None else self.started
-            silent = now - since
+            silent = self.silent_ms(now)
             if silent >= leaf.duration_ms:
                 return True, Fact(
                     leaf.path,
@@ -428,55 +570,33 @@ class LeafState:
                 )
             return False, None
         x = self.reading(now)
-        if x is None:
+        if x is None or not self.test(x):
             return False, None
+        return True, Fact(leaf.path, leaf.parameter, x, self._text(x))
+
+    def _text(self, x: float) -> str:
+        leaf = self.leaf
+        op = leaf.op
         label = (
             f"{leaf.aggregate}({leaf.parameter}, {format_duration(leaf.window_ms)})"
             if leaf.aggregate
             else leaf.parameter
         )
-        op = leaf.op
         if op in COMPARISONS:
-            t = leaf.threshold
-            assert t is not None
-            hit = (
-                x > t
-                if op == "gt"
-                else x >= t
-                if op == "gte"
-                else x < t
-                if op == "lt"
-                else x <= t
-                if op == "lte"
-                else x == t
-                if op == "eq"
-                else x != t
-            )
-            text = f"{label} {_num(x)} {COMPARISONS[op]} {_num(t)}"
-        elif op in RANGES:
-            assert leaf.low is not None and leaf.high is not None
-            inside = leaf.low <= x <= leaf.high
-            hit = inside if op == "between" else not inside
-            text = (
+            return f"{label} {_num(x)} {COMPARISONS[op]} {_num(leaf.threshold or 0.0)}"
+        if op in RANGES:
+            return (
                 f"{label} {_num(x)} {'within' if op == 'between' else 'outside'} "
-                f"[{_num(leaf.low)}, {_num(leaf.high)}]"
+                f"[{_num(leaf.low or 0.0)}, {_num(leaf.high or 0.0)}]"
             )
-        elif op in ("change", "rate"):
-            t = leaf.threshold
-            assert t is not None
-            d = leaf.direction
-            hit = x > t if d == "up" else -x > t if d == "down" else abs(x) > t
+        t = leaf.threshold or 0.0
+        if op in ("change", "rate"):
             unit = "/min" if op == "rate" else ""
-            text = f"{leaf.parameter} {op} {_num(x)}{unit} beyond {_num(t)}{unit}"
-        else:  # anomaly
-            t = leaf.threshold
-            assert t is not None
-            hit = x > t
-            text = (
-                f"{leaf.parameter} {_num(self.last_value or 0.0)} anomalous "
-                f"({leaf.detector} score {_num(x)} > {_num(t)})"
-            )
-        return hit, (Fact(leaf.path, leaf.parameter, x, text) if hit else None)
+            return f"{leaf.parameter} {op} {_num(x)}{unit} beyond {_num(t)}{unit}"
+        return (
+            f"{leaf.parameter} {_num(self.last_value or 0.0)} anomalous "
+            f"({leaf.detector} score {_num(x)} > {_num(t)})"
+        )
 
 
 def _num(value: float) -> str:
@@ -495,45 +615,276 @@ class Verdict:
         return "; ".join(f.text for f in self.facts)
 
 
-@dataclass
+def has_for(node: Node) -> bool:
+    """Whether the node or anything under it keeps a `for` clock."""
+    if node.for_ms:
+        return True
+    return isinstance(node, Group) and any(has_for(child) for child in node.children)
+
+
+def _leaf_check(leaf: Leaf, i: int) -> Check:
+    """The leaf's truth as a function of (now, state); plain leaves read the device's
+    latest values inline, leaves with memory ask their LeafState (the i-th)."""
+    p = leaf.parameter
+    if leaf.op in COMPARISONS and leaf.aggregate is None:
+        t = leaf.threshold
+        assert t is not None
+        op = leaf.op
+        if op == "gt":
+
+            def gt(now: int, st: RuleState, p: str = p, t: float = t) -> bool:
+                seen = st.latest.get(p)
+                return seen is not None and seen[1] > t
+
+            return gt
+        if op == "gte":
+
+            def gte(now: int, st: RuleState, p: str = p, t: float = t) -> bool:
+                seen = st.latest.get(p)
+                return seen is not None and seen[1] >= t
+
+            return gte
+        if op == "lt":
+
+            def lt(now: int, st: RuleState, p: str = p, t: float = t) -> bool:
+                seen = st.latest.get(p)
+                return seen is not None and seen[1] < t
+
+            return lt
+        if op == "lte":
+
+            def lte(now: int, st: RuleState, p: str = p, t: float = t) -> bool:
+                seen = st.latest.get(p)
+                return seen is not None and seen[1] <= t
+
+            return lte
+    if leaf.op in RANGES and leaf.aggregate is None:
+        low, high = leaf.low, leaf.high
+        assert low is not None and high is not None
+        inside = leaf.op == "between"
+
+        def in_range(
+            now: int,
+            st: RuleState,
+            p: str = p,
+            lo: float = low,
+            hi: float = high,
+            want: bool = inside,
+        ) -> bool:
+            seen = st.latest.get(p)
+            return seen is not None and (lo <= seen[1] <= hi) is want
+
+        return in_range
+    if leaf.op == "no_data":
+        duration = leaf.duration_ms
+
+        def silent(now: int, st: RuleState, p: str = p, d: int = duration) -> bool:
+            seen = st.latest.get(p)
+            return now - (st.started if seen is None else seen[0]) >= d
+
+        return silent
+
+    def remembered(now: int, st: RuleState, i: int = i) -> bool:
+        return st.leaf_list[i].hit(now)
+
+    return remembered
+
+
+def _all(checks: tuple[Check, ...], stateful: tuple[bool, ...]) -> Check:
+    if not any(stateful):
+        if len(checks) == 2:
+            a, b = checks
+            return lambda now, st: a(now, st) and b(now, st)
+
+        def every(now: int, st: RuleState) -> bool:
+            for check in checks:  # noqa: SIM110 (a loop beats all() over a generator)
+                if not check(now, st):
+                    return False
+            return True
+
+        return every
+    pairs = tuple(zip(checks, stateful, strict=True))
+
+    def every_keeping_clocks(now: int, st: RuleState) -> bool:
+        # After the first false child, children with `for` clocks are still asked, so
+        # their clocks see every moment (else a clock could span a gap it never saw).
+        result = True
+        for check, keeps_clock in pairs:
+            if result:
+                result = check(now, st)
+            elif keeps_clock:
+                check(now, st)
+        return result
+
+    return every_keeping_clocks
+
+
+def _any(checks: tuple[Check, ...], stateful: tuple[bool, ...]) -> Check:
+    if not any(stateful):
+        if len(checks) == 2:
+            a, b = checks
+            return lambda now, st: a(now, st) or b(now, st)
+
+        def some(now: int, st: RuleState) -> bool:
+            for check in checks:  # noqa: SIM110 (a loop beats any() over a generator)
+                if check(now, st):
+                    return True
+            return False
+
+        return some
+    pairs = tuple(zip(checks, stateful, strict=True))
+
+    def some_keeping_clocks(now: int, st: RuleState) -> bool:
+        result = False
+        for check, keeps_clock in pairs:
+            if not result:
+                result = check(now, st)
+            elif keeps_clock:
+                check(now, st)
+        return result
+
+    return some_keeping_clocks
+
+
+def _held(check: Check, path: str, for_ms: int) -> Check:
+    def held(now: int, st: RuleState) -> bool:
+        since = st.since
+        if not check(now, st):
+            if path in since:
+                del since[path]
+                st.clock_moves += 1
+            return False
+        start = since.get(path)
+        if start is None:
+            since[path] = start = now
+            st.clock_moves += 1
+        return now - start >= for_ms
+
+    return held
+
+
+class Program:
+    """A condition tree compiled once (per rule, not per device): a tree of closures
+    of (now, RuleState) -> bool. The per-device state lives in the RuleState."""
+
+    __slots__ = ("check", "index", "leaves", "root")
+
+    def __init__(self, root: Node) -> None:
+        self.root = root
+        self.leaves = tuple(leaves(root))
+        self.index = {leaf.path: i for i, leaf in enumerate(self.leaves)}
+        self.check = self._compile(root)
+
+    def _compile(self, node: Node) -> Check:
+        check: Check
+        if isinstance(node, Leaf):
+            check = _leaf_check(node, self.index[node.path])
+        else:
+            children = tuple(self._compile(child) for child in node.children)
+            stateful = tuple(has_for(child) for child in node.children)
+            if node.op == "NOT":
+                only = children[0]
+
+                def negated(now: int, st: RuleState) -> bool:
+                    return not only(now, st)
+
+                check = negated
+            elif node.op == "AND":
+                check = _all(children, stateful)
+            else:
+                check = _any(children, stateful)
+        if node.for_ms:
+            check = _held(check, node.path, node.for_ms)
+        return check
+
+
 class RuleState:
-    """One rule's evaluation state for one device."""
+    """One rule's evaluation state for one device.
 
-    root: Node
-    started: int
-    leaf_states: dict[str, LeafState] = field(default_factory=dict)
-    by_parameter: dict[str, list[LeafState]] = field(default_factory=dict)
-    # node path -> ts since when the node's own condition has held (for `for`)
-    since: dict[str, int] = field(default_factory=dict)
+    `latest` (parameter -> (ts, value)) is the device's latest values; give the same
+    mapping to every RuleState of a device and keep it current (as `observe` does)
+    to share it, then feed only the `private` leaves each point. Without it the
+    state keeps its own, and `observe` does everything. `program`: the rule's
+    compiled Program, shared by all devices (compiled here when not given)."""
 
-    def __post_init__(self) -> None:
-        for leaf in leaves(self.root):
-            state = LeafState(leaf, self.started)
-            self.leaf_states[leaf.path] = state
-            self.by_parameter.setdefault(leaf.parameter, []).append(state)
+    __slots__ = (
+        "_by_parameter",
+        "clock_moves",
+        "latest",
+        "leaf_list",
+        "private",
+        "program",
+        "root",
+        "since",
+        "started",
+    )
+
+    def __init__(
+        self,
+        root: Node,
+        started: int,
+        latest: Latest | None = None,
+        program: Program | None = None,
+    ) -> None:
+        self.root = root
+        self.started = started
+        self.latest: Latest = {} if latest is None else latest
+        self.program = program if program is not None else Program(root)
+        # node path -> ts since when the node's own condition has held (for `for`)
+        self.since: dict[str, int] = {}
+        # Bumped whenever a `for` clock starts or stops: the engine persists on change.
+        self.clock_moves = 0
+        self.leaf_list = [LeafState(leaf, started, self.latest) for leaf in self.program.leaves]
+        # (parameter, leaf) of the leaves with memory of their own, fed point by point
+        self.private = tuple((s.leaf.parameter, s) for s in self.leaf_list if s.private)
+        self._by_parameter: dict[str, list[LeafState]] | None = None
+
+    @property
+    def leaf_states(self) -> dict[str, LeafState]:
+        return {s.leaf.path: s for s in self.leaf_list}
 
     def observe(self, parameter: str, ts: int, value: float) -> None:
-        for state in self.by_parameter.get(parameter, ()):
-            state.observe(ts, value)
+        latest = self.latest
+        seen = latest.get(parameter)
+        if seen is None or ts >= seen[0]:  # a late point does not replace a newer one
+            latest[parameter] = (ts, value)
+        if self.private:
+            by_parameter = self._by_parameter
+            if by_parameter is None:
+                by_parameter = self._by_parameter = {}
+                for p, state in self.private:
+                    by_parameter.setdefault(p, []).append(state)
+            for state in by_parameter.get(parameter, ()):
+                state.observe(ts, value)
+
+    def holds(self, now: int) -> bool:
+        """Whether the condition holds at `now` (the hot path: no facts, no text)."""
+        return self.program.check(now, self)
 
     def evaluate(self, now: int) -> Verdict:
+        """Whether the condition holds, and why (the facts of the true leaves)."""
         fired, facts = self._eval(self.root, now)
         return Verdict(fired, facts if fired else [])
 
     def _eval(self, node: Node, now: int) -> tuple[bool, list[Fact]]:
+        facts: list[Fact]
         if isinstance(node, Leaf):
-            hit, fact = self.leaf_states[node.path].truth(now)
+            hit, fact = self.leaf_list[self.program.index[node.path]].truth(now)
             facts = [fact] if fact is not None else []
         elif node.op == "AND":
             facts = []
             hit = True
             for child in node.children:
+                if not hit:
+                    if has_for(child):
+                        self._eval(child, now)  # keep its clocks current, as holds() does
+                    continue
                 child_hit, child_facts = self._eval(child, now)
-                if not child_hit:
+                if child_hit:
+                    facts.extend(child_facts)
+                else:
                     hit = False
                     facts = []
-                    break
-                facts.extend(child_facts)
         elif node.op == "OR":
             facts = []
             hit = False
@@ -548,9 +899,13 @@ class RuleState:
             facts = [Fact(node.path, "", None, "not (" + _describe(node.children[0]) + ")")]
         if node.for_ms:
             if not hit:
-                self.since.pop(node.path, None)
+                if self.since.pop(node.path, None) is not None:
+                    self.clock_moves += 1
                 return False, []
-            since = self.since.setdefault(node.path, now)
+            since = self.since.get(node.path)
+            if since is None:
+                since = self.since[node.path] = now
+                self.clock_moves += 1
             held = now - since
             if held < node.for_ms:
                 return False, []
@@ -565,16 +920,18 @@ class RuleState:
         return {
             "since": dict(self.since),
             "detectors": {
-                path: s.detector.state()
-                for path, s in self.leaf_states.items()
-                if s.detector is not None
+                s.leaf.path: s.detector.state() for s in self.leaf_list if s.detector is not None
             },
         }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
-        self.since = {str(k): int(v) for k, v in snapshot.get("since", {}).items()}
+        # In place: the compiled `for` checks hold this very dict.
+        self.since.clear()
+        self.since.update({str(k): int(v) for k, v in snapshot.get("since", {}).items()})
+        self.clock_moves += 1
         for path, state in snapshot.get("detectors", {}).items():
-            leaf_state = self.leaf_states.get(path)
+            i = self.program.index.get(path)
+            leaf_state = self.leaf_list[i] if i is not None else None
             if leaf_state is not None and leaf_state.detector is not None:
                 leaf_state.detector = restore_detector(state)
 

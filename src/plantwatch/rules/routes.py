@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from plantwatch.core.schemas import QUERY_TEXT, Item, Page, PageParams, PathId, page_params
@@ -19,7 +19,7 @@ from plantwatch.rules.schemas import (
     UnsavedBacktest,
     ValidateOut,
 )
-from plantwatch.tenancy.auth import Principal, db_session, require
+from plantwatch.tenancy.auth import Principal, container, db_session, require
 
 router = APIRouter(prefix="/api/v1", tags=["rules"])
 Session = Annotated[AsyncSession, Depends(db_session)]
@@ -55,8 +55,12 @@ async def list_rules(
 
 
 @router.post("/rules", status_code=201, summary="Create a rule (422 names each bad node)")
-async def create_rule(body: RuleBody, principal: Writer, session: Session) -> Item[RuleOut]:
-    return Item(data=await service.create_rule(session, principal, body))
+async def create_rule(
+    request: Request, body: RuleBody, principal: Writer, session: Session
+) -> Item[RuleOut]:
+    rule = await service.create_rule(session, principal, body)
+    await service.publish_changed(container(request).bus, principal.factory_id, rule.id)
+    return Item(data=rule)
 
 
 @router.post("/rules/validate", summary="Check a rule without saving it")
@@ -81,21 +85,31 @@ async def get_rule(rule_id: PathId, principal: Reader, session: Session) -> Item
 
 @router.patch("/rules/{rule_id}", summary="Change a rule")
 async def update_rule(
-    rule_id: PathId, body: RuleUpdate, principal: Writer, session: Session
+    request: Request, rule_id: PathId, body: RuleUpdate, principal: Writer, session: Session
 ) -> Item[RuleOut]:
-    return Item(data=await service.update_rule(session, principal, rule_id, body))
+    rule = await service.update_rule(session, principal, rule_id, body)
+    await service.publish_changed(container(request).bus, principal.factory_id, rule_id)
+    return Item(data=rule)
 
 
 @router.delete("/rules/{rule_id}", status_code=204, summary="Delete a rule")
-async def delete_rule(rule_id: PathId, principal: Writer, session: Session) -> Response:
+async def delete_rule(
+    request: Request, rule_id: PathId, principal: Writer, session: Session
+) -> Response:
     await service.delete_rule(session, principal, rule_id)
+    await service.publish_changed(container(request).bus, principal.factory_id, rule_id)
     return Response(status_code=204)
 
 
 @router.post("/rules/{rule_id}/toggle", summary="Switch a rule on or off")
-async def toggle_rule(rule_id: PathId, principal: Writer, session: Session) -> Item[RuleOut]:
+async def toggle_rule(
+    request: Request, rule_id: PathId, principal: Writer, session: Session
+) -> Item[RuleOut]:
     current = await service.get_rule(session, principal.factory_id, rule_id)
-    return Item(data=await service.set_active(session, principal, rule_id, not current.is_active))
+    rule = await service.set_active(session, principal, rule_id, not current.is_active)
+    if rule.version != current.version:
+        await service.publish_changed(container(request).bus, principal.factory_id, rule_id)
+    return Item(data=rule)
 
 
 @router.post("/rules/{rule_id}/backtest", summary="When would this rule have fired?")

@@ -18,6 +18,7 @@ from plantwatch.core.schemas import DbId, NotNull, RequestModel, no_control_char
 Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(no_control_chars)]
 Cooldown = Annotated[int | str, Field(description='Seconds, or a duration like "15m"')]
 MAX_SCOPE_DEVICES = 1000
+MAX_NOTIFY_CHANNELS = 20
 
 
 class Severity(StrEnum):
@@ -47,8 +48,14 @@ Scope = DevicesScope | GroupScope | FactoryScope
 
 
 class Actions(RequestModel):
-    alert: bool = True
-    event: bool = True
+    alert: bool = Field(default=True, description="Open an alert when the rule fires")
+    event: bool = Field(default=True, description="Publish `rule.fired` on the bus")
+    work_order: bool = Field(
+        default=False, description="Publish `rule.work_order` (maintenance opens a work order)"
+    )
+    notify: Annotated[list[DbId], Field(max_length=MAX_NOTIFY_CHANNELS)] = Field(
+        default_factory=list, description="Notification channel ids of this factory"
+    )
 
 
 class RuleBody(RequestModel):

@@ -12,9 +12,11 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from plantwatch.assets.models import Device, DeviceGroup, DeviceParameter, device_group_members
+from plantwatch.core.bus import Bus
 from plantwatch.core.errors import NotFound, Problem, invalid_body
 from plantwatch.core.listing import like_pattern, paginate, parse_sort
 from plantwatch.core.schemas import PageParams
+from plantwatch.notify.models import NotificationChannel
 from plantwatch.rules import conditions as cond
 from plantwatch.rules.firing import FiringTracker
 from plantwatch.rules.models import Rule, rule_devices
@@ -31,10 +33,13 @@ from plantwatch.rules.schemas import (
 from plantwatch.telemetry.models import telemetry_raw
 from plantwatch.tenancy.audit import Actor, record, snapshot
 from plantwatch.tenancy.models import Factory
+from plantwatch.tenancy.service import SystemActor
 
 MAX_BACKTEST_POINTS = 2_000_000
 MAX_BACKTEST_SPAN = dt.timedelta(days=366)
 CLOCK_TICK_MS = 10_000
+RULE_CHANGED = "rule.changed"
+ENGINE_ACTOR = "rules-engine"
 RULE_SORTS = {"name": Rule.name, "created_at": Rule.created_at, "severity": Rule.severity}
 
 
@@ -60,6 +65,7 @@ async def check(
     schedule: dict[str, Any] | None,
     cooldown: int | str,
     scope: dict[str, Any],
+    notify: Sequence[int] = (),
 ) -> CheckedRule:
     """Validate everything in one pass; 422 lists every bad node with its path."""
     problems: list[tuple[str, str]] = []
@@ -79,6 +85,7 @@ async def check(
     if cooldown_ms is None or cooldown_ms > 7 * 86_400_000:
         problems.append(("cooldown", "must be a duration of at most 7d, like 15m or 900"))
     problems.extend(await _scope_problems(session, factory_id, scope))
+    problems.extend(await _channel_problems(session, factory_id, notify))
     if problems or root is None or parsed_schedule is None or cooldown_ms is None:
         raise invalid_body(problems)
     warnings = await _unknown_parameters(session, factory_id, root, scope)
@@ -110,6 +117,28 @@ async def _scope_problems(
         )
         return [] if group is not None else [("scope.group_id", f"no group {scope['group_id']}")]
     return []
+
+
+async def _channel_problems(
+    session: AsyncSession, factory_id: int, notify: Sequence[int]
+) -> list[tuple[str, str]]:
+    if not notify:
+        return []
+    found = set(
+        (
+            await session.scalars(
+                select(NotificationChannel.id).where(
+                    NotificationChannel.factory_id == factory_id,
+                    NotificationChannel.id.in_(list(notify)),
+                )
+            )
+        ).all()
+    )
+    return [
+        (f"actions.notify[{i}]", f"no notification channel {c}")
+        for i, c in enumerate(notify)
+        if c not in found
+    ]
 
 
 async def scope_device_ids(session: AsyncSession, factory_id: int, rule: Rule) -> list[int]:
@@ -193,7 +222,10 @@ async def rule_out(
                 )
             ).all()
         )
-    root = cond.validate(rule.conditions)
+    try:
+        parameters = sorted(cond.parameters_of(cond.validate(rule.conditions)))
+    except cond.ConditionError:  # stored by an older version or by hand: still shown
+        parameters = []
     return RuleOut(
         id=rule.id,
         name=rule.name,
@@ -208,7 +240,7 @@ async def rule_out(
         is_active=rule.is_active,
         error=rule.error,
         version=rule.version,
-        parameters=sorted(cond.parameters_of(root)),
+        parameters=parameters,
         warnings=warnings or [],
         created_by=rule.created_by,
         created_at=rule.created_at,
@@ -239,7 +271,13 @@ async def _set_scope(session: AsyncSession, rule: Rule, scope: dict[str, Any]) -
 async def create_rule(session: AsyncSession, actor: Actor, body: RuleBody) -> RuleOut:
     scope = body.scope.model_dump()
     checked = await check(
-        session, actor.factory_id, body.conditions, body.schedule, body.cooldown, scope
+        session,
+        actor.factory_id,
+        body.conditions,
+        body.schedule,
+        body.cooldown,
+        scope,
+        body.actions.notify,
     )
     rule = Rule(
         factory_id=actor.factory_id,
@@ -280,6 +318,7 @@ async def update_rule(
         changes.get("schedule", rule.schedule),
         changes.get("cooldown", rule.cooldown_s),
         scope,
+        body.actions.notify if body.actions is not None else (),
     )
     before = snapshot(rule)
     for field in ("name", "description", "conditions", "schedule", "auto_resolve", "is_active"):
@@ -287,8 +326,8 @@ async def update_rule(
             setattr(rule, field, changes[field])
     if "severity" in changes:
         rule.severity = changes["severity"]
-    if "actions" in changes:
-        rule.actions = changes["actions"]
+    if body.actions is not None:
+        rule.actions = body.actions.model_dump()  # the whole object: defaults included
     rule.cooldown_s = checked.cooldown_s
     if "scope" in changes:
         await _set_scope(session, rule, scope)
@@ -318,6 +357,39 @@ async def delete_rule(session: AsyncSession, actor: Actor, rule_id: int) -> None
     record(session, actor, "rule.delete", "rule", rule.id, before=snapshot(rule))
     await session.delete(rule)
     await session.commit()
+
+
+async def publish_changed(bus: Bus, factory_id: int, rule_id: int) -> None:
+    """Tell rule engines to reload a rule; call after the change committed."""
+    await bus.publish(RULE_CHANGED, {"factory_id": factory_id, "rule_id": rule_id})
+
+
+async def disable_for_error(
+    session: AsyncSession, factory_id: int, rule_id: int, error: str
+) -> bool:
+    """The engine could not evaluate the rule: switch it off with the error recorded
+    (shown on the rule; re-enabling clears it). False if it is gone or already off.
+    Commits."""
+    rule = await session.scalar(
+        select(Rule).where(Rule.id == rule_id, Rule.factory_id == factory_id)
+    )
+    if rule is None or not rule.is_active:
+        return False
+    before = snapshot(rule)
+    rule.is_active = False
+    rule.error = error[:4000]
+    rule.version += 1
+    record(
+        session,
+        SystemActor(factory_id, email=ENGINE_ACTOR),
+        "rule.disable",
+        "rule",
+        rule.id,
+        before=before,
+        after=snapshot(rule),
+    )
+    await session.commit()
+    return True
 
 
 async def get_rule(session: AsyncSession, factory_id: int, rule_id: int) -> RuleOut:
@@ -362,7 +434,13 @@ async def list_rules(
 
 async def validate_body(session: AsyncSession, factory_id: int, body: RuleBody) -> ValidateOut:
     checked = await check(
-        session, factory_id, body.conditions, body.schedule, body.cooldown, body.scope.model_dump()
+        session,
+        factory_id,
+        body.conditions,
+        body.schedule,
+        body.cooldown,
+        body.scope.model_dump(),
+        body.actions.notify,
     )
     return ValidateOut(
         valid=True, parameters=sorted(cond.parameters_of(checked.root)), warnings=checked.warnings

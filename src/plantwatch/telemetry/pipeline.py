@@ -26,10 +26,10 @@ import json
 import time
 from bisect import bisect_left
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 from prometheus_client import Counter, Histogram
@@ -305,6 +305,36 @@ class IngestPipeline:
         `received_ms` (replays): when the payload first arrived; timestamps are judged
         against it, not against now.
         """
+        job = self._job(device, raw, source, topic, limits, record_rejects, received_ms)
+        return await self._submit(job)
+
+    async def ingest_many(
+        self, messages: Sequence[tuple[DeviceRef, bytes, str | None]], *, source: str
+    ) -> list[IngestOutcome]:
+        """`ingest` for (device, raw, topic) messages that arrived together: queued
+        together, returned together (once every one is committed). Raises if any
+        could not be stored."""
+        if self._writer is None:
+            raise RuntimeError("ingest pipeline is not running")
+        jobs = [self._job(device, raw, source, topic) for device, raw, topic in messages]
+        for job in jobs:
+            self._queue.put_nowait(job)
+        results = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return cast(list[IngestOutcome], results)
+
+    def _job(
+        self,
+        device: DeviceRef,
+        raw: bytes,
+        source: str,
+        topic: str | None,
+        limits: payloads.Limits | None = None,
+        record_rejects: bool = True,
+        received_ms: int | None = None,
+    ) -> _Job:
         now_ms = int(time.time() * 1000)
         parsed = payloads.parse_columns(raw, received_ms or now_ms, limits or self.limits)
         job = _Job(
@@ -324,7 +354,7 @@ class IngestPipeline:
             # Done here, while the writer waits on the previous commit. None when a
             # series is new: the writer creates it, then prepares the message.
             job.prepared = self._prepare(device, parsed)
-        return await self._submit(job)
+        return job
 
     def _prepare(self, device: DeviceRef, parsed: payloads.Parsed) -> _Prepared | None:
         """Rows, rollup aggregates and latest values of an ordered message."""
