@@ -41,6 +41,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -319,8 +320,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             latencies.clear()
             stages.clear()
             load_started = time.perf_counter()
+            server = psutil.Process(process.pid)
+            server_cpu = server.cpu_times()
             fired = asyncio.create_task(triggers(base, devices[0], args.triggers_per_s, stop))
             await asyncio.sleep(args.duration)
+            server_after = server.cpu_times()
+            server_share = (
+                server_after.user + server_after.system - server_cpu.user - server_cpu.system
+            ) / args.duration
             stop.set()
             sent_points = await load
             load_seconds = time.perf_counter() - load_started + args.warmup
@@ -361,6 +368,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "triggers": trigger_count,
         "points_per_s": round(sent_points / load_seconds),
         "target_points_per_s": args.rate,
+        "server_cpu_share": round(server_share, 2),
         "rules": args.rules,
         "devices": args.devices,
         "devices_per_rule": args.devices_per_rule,

@@ -40,7 +40,7 @@ from plantwatch.core.config import Settings
 from plantwatch.core.db import Database
 from plantwatch.core.errors import NotFound, Problem
 from plantwatch.core.logging import configure_logging
-from plantwatch.core.runtime import tune_gc
+from plantwatch.core.runtime import event_loop_factory, tune_gc
 from plantwatch.scheduler import SchedulerRole
 from plantwatch.tenancy import service as tenancy_service
 from plantwatch.tenancy.permissions import Role
@@ -81,7 +81,8 @@ def _db_error_text(exc: BaseException) -> str:
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine; turn the errors an operator can act on into clean messages."""
     try:
-        return asyncio.run(coro)
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            return runner.run(coro)
     except Problem as exc:
         raise CliError(exc.detail) from None
     except SQLAlchemyError as exc:

@@ -680,3 +680,36 @@ async def test_detector_memory_survives_a_restart(
         assert "anomalous (zscore score" in alert["message"]
     finally:
         await restarted.stop()
+
+
+async def test_engine_alerts_enter_the_stream_log_with_the_alert_once(
+    client: httpx.AsyncClient,
+    container: Container,
+    admin_a: LoggedIn,
+    device_a: KeyedDevice,
+    clock: FakeClock,
+) -> None:
+    """With the live stream attached, an alert's stream-log entry commits in the alert's
+    own transaction (an outbox): it is in the log exactly once, under the id the bus
+    event names, and the recorder does not log it a second time."""
+    from sqlalchemy import text
+
+    running = RuleEngine(
+        container.db, container.bus, clock=clock, background=False, stream=container.stream
+    )
+    await running.start()
+    try:
+        published = record_events(container, "alert.>")
+        await create_rule(client, admin_a, container)
+        await send(client, container, device_a, {"spindle_temp": 90})
+    finally:
+        await running.stop()
+    async with container.db.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text("SELECT id, kind FROM stream_events WHERE kind LIKE 'alert.%' ORDER BY id")
+            )
+        ).all()
+    assert [kind for _, kind in rows] == ["alert.created"]
+    [(subject, payload)] = published
+    assert subject == "alert.created" and payload["stream_id"] == rows[0][0]

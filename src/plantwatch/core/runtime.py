@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+from collections.abc import Callable
 
 # Young-generation collections every this many allocations instead of CPython's 700.
 GC_GEN0_THRESHOLD = 50_000
@@ -21,3 +23,15 @@ def tune_gc() -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (it comes with uvicorn[standard] on
+    Linux and macOS), else asyncio's. Every await that hands work to another task or
+    thread costs a trip through the loop; uvloop's trips are several times cheaper,
+    which shows in ingest over MQTT and in the point-to-alert latency."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -63,6 +63,7 @@ from plantwatch.rules import service as rules_service
 from plantwatch.rules.firing import FiringTracker, Transition
 from plantwatch.rules.models import Rule, RuleDeviceState, rule_devices
 from plantwatch.rules.schedules import ALWAYS, Schedule, parse_schedule
+from plantwatch.stream.service import StoredEvent, StreamService
 from plantwatch.telemetry.models import series_latest
 from plantwatch.telemetry.pipeline import TELEMETRY_PARTITIONS
 from plantwatch.tenancy.models import Factory
@@ -334,12 +335,15 @@ class RuleEngine:
         detector_flush_s: float = DETECTOR_FLUSH_S,
         reload_s: float = RELOAD_S,
         background: bool = True,
+        stream: StreamService | None = None,
     ) -> None:
         """`db`/`bus` may be None only to evaluate in memory (benchmarks). `partitions`:
         the telemetry partitions this engine owns (default all). `background=False`
-        leaves ticking, flushing and reloading to the caller (tests)."""
+        leaves ticking, flushing and reloading to the caller (tests). `stream`: alerts
+        are written to the live stream's log in their own transaction."""
         self.db = db
         self.bus = bus
+        self.stream = stream
         self.clock = clock
         self.partitions = (
             tuple(sorted(set(partitions)))
@@ -961,7 +965,7 @@ class RuleEngine:
     async def _write(self, steps: list[Step]) -> list[tuple[Step, alerts.AlertChange]]:
         assert self.db is not None
         done: list[tuple[Step, alerts.AlertChange]] = []
-        async with self.db.session() as session:
+        async with self.db.write_gate(), self.db.session() as session:
             for step in steps:
                 slot = step.slot
                 rule = slot.rule
@@ -994,7 +998,17 @@ class RuleEngine:
                         received_ms=step.received_ms,
                     )
                     done.append((step, raised))
+            recorded: list[StoredEvent] = []
+            if self.stream is not None and done:
+                # The stream's log entries commit with the alerts (an outbox), so the
+                # alert reaches live screens without a second transaction.
+                recorded = await self.stream.record_in(
+                    await session.connection(),
+                    [(change.subject, change.payload) for _, change in done],
+                )
             await session.commit()
+        if recorded and self.stream is not None:
+            self.stream.committed(recorded)
         for step, change in done:
             slot = step.slot
             alert_id = change.payload.get("alert_id")
@@ -1142,7 +1156,7 @@ class RulesRole:
 
     def __init__(self, ctx: RoleContext) -> None:
         self.container = ctx.container
-        self.engine = RuleEngine(ctx.container.db, ctx.container.bus)
+        self.engine = RuleEngine(ctx.container.db, ctx.container.bus, stream=ctx.container.stream)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 

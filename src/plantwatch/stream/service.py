@@ -52,7 +52,9 @@ TYPE_PERMISSIONS: dict[str, str] = {
 }
 STREAM_TYPES = tuple(TYPE_PERMISSIONS)
 # Fields of a bus payload that are for other consumers, not for screens.
-PRIVATE_FIELDS = frozenset({"recipients"})
+# Set on a bus payload whose event is already in the log (StreamService.record_in).
+RECORDED_MARK = "stream_id"
+PRIVATE_FIELDS = frozenset({"recipients", RECORDED_MARK})
 
 # "plstrm": any constant all processes agree on (see scheduler.LEADER_LOCK_KEY).
 APPEND_LOCK_KEY = 0x706C7374726D
@@ -180,7 +182,7 @@ class StreamRecorder:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        db: Database,
         bus: Bus,
         on_commit: Callable[[list[StoredEvent]], None],
         *,
@@ -188,7 +190,7 @@ class StreamRecorder:
         max_queue: int = 100_000,
         attempts: int = 5,
     ) -> None:
-        self.engine = engine
+        self.db = db
         self.bus = bus
         self.on_commit = on_commit
         self.max_batch = max_batch
@@ -206,6 +208,8 @@ class StreamRecorder:
         self._task = asyncio.create_task(self._run(), name="stream:recorder")
 
     async def _handle(self, subject: str, payload: dict[str, Any]) -> None:
+        if RECORDED_MARK in payload:  # logged by its producer's own transaction
+            return
         row = event_row(subject, payload, utcnow())
         if row is None:
             log.warning("stream_event_without_factory", subject=subject)
@@ -234,7 +238,8 @@ class StreamRecorder:
     async def _write(self, batch: list[dict[str, Any]], attempts: int) -> None:
         for attempt in range(1, attempts + 1):
             try:
-                events = await append_events(self.engine, batch)
+                async with self.db.write_gate():
+                    events = await append_events(self.db.engine, batch)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -742,7 +747,7 @@ class StreamService:
         self.retention_s = retention_s
         self.max_rows = max_rows
         self.hub = EventHub(db.engine, poll_s=poll_s)
-        self.recorder = StreamRecorder(db.engine, bus, self.hub.committed)
+        self.recorder = StreamRecorder(db, bus, self.hub.committed)
         self.directory = SeriesDirectory()
         self.feeds: dict[int, KpiFeed] = {}
         self._retired: set[KpiFeed] = set()
@@ -752,6 +757,30 @@ class StreamService:
     async def start(self) -> None:
         self.closing = False
         await self.recorder.start()
+
+    async def record_in(
+        self, conn: AsyncConnection, events: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[StoredEvent]:
+        """Append (subject, payload) events inside the caller's transaction (an outbox:
+        the log entry commits with the change itself, one transaction instead of two).
+        After the commit, hand the result to `committed`; each payload is marked with
+        its `stream_id` so the recorder does not log it again when it is published."""
+        now = utcnow()
+        pairs = [(p, row) for s, p in events if (row := event_row(s, p, now)) is not None]
+        if not pairs:
+            return []
+        rows = [row for _, row in pairs]
+        ids = await append_rows(conn, rows)
+        for (payload, _), event_id in zip(pairs, ids, strict=True):
+            payload[RECORDED_MARK] = event_id
+        return [
+            render(i, r["factory_id"], r["kind"], r["payload"], r["created_at"])
+            for i, r in zip(ids, rows, strict=True)
+        ]
+
+    def committed(self, events: list[StoredEvent]) -> None:
+        """Events from `record_in` are committed: push them to open streams now."""
+        self.hub.committed(events)
 
     def connect(self, req: StreamRequest, revalidate: Revalidate) -> StreamConnection:
         return StreamConnection(self, req, revalidate)

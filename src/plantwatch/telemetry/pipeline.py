@@ -636,7 +636,8 @@ class IngestPipeline:
                     await conn.execute(insert(DeadLetter), dead)
             return came_online
 
-        came_online = await self._on_connection(write)
+        async with self.db.write_gate():
+            came_online = await self._on_connection(write)
         if self.latest is not None:
             self.latest.apply(latest_rows)
 
