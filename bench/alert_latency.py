@@ -236,9 +236,23 @@ async def read_stream(
                 event = ""
 
 
-async def background_load(
-    base: str, devices: Sequence[SeededDevice], rate: float, stop: asyncio.Event
-) -> int:
+def load_main(base: str, rate: float) -> None:
+    """Child process: send the background load until stdin closes; print
+    [points sent, seconds]."""
+    keys = orjson.loads(sys.stdin.buffer.readline())
+
+    async def run() -> tuple[int, float]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sys.stdin.fileno(), stop.set)  # EOF on stdin: stop
+        started = time.perf_counter()
+        sent = await background_load(base, keys, rate, stop)
+        return sent, time.perf_counter() - started
+
+    print(orjson.dumps(asyncio.run(run())).decode())
+
+
+async def background_load(base: str, keys: Sequence[str], rate: float, stop: asyncio.Event) -> int:
     """`rate` points/s: each load device posts 10 payloads of 10 metrics once a second,
     the devices' requests spread evenly over the second."""
     sent = 0
@@ -251,7 +265,7 @@ async def background_load(
         next_at = time.perf_counter()
         pending: set[asyncio.Task[Any]] = set()
         while not stop.is_set():
-            device = devices[i % len(devices)]
+            key = keys[i % len(keys)]
             now_ms = int(time.time() * 1000)
             body = [
                 {
@@ -264,7 +278,7 @@ async def background_load(
                 client.post(
                     "/api/v1/ingest",
                     content=orjson.dumps(body),
-                    headers={"X-Device-Key": device.key},
+                    headers={"X-Device-Key": key},
                 )
             )
             pending.add(task)
@@ -315,11 +329,24 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             ready = asyncio.Event()
             reader = asyncio.create_task(read_stream(base, token, latencies, stages, ready, stop))
             await asyncio.wait_for(ready.wait(), 10)
-            load = asyncio.create_task(background_load(base, devices[1:], args.rate, stop))
+            # The load runs in a child process, so reading the stream here is not
+            # delayed by building and sending it.
+            keys = orjson.dumps([d.key for d in devices[1:]])
+            loader = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--load",
+                base,
+                str(args.rate),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert loader.stdin is not None
+            loader.stdin.write(keys + b"\n")
+            await loader.stdin.drain()
             await asyncio.sleep(args.warmup)
             latencies.clear()
             stages.clear()
-            load_started = time.perf_counter()
             server = psutil.Process(process.pid)
             server_cpu = server.cpu_times()
             fired = asyncio.create_task(triggers(base, devices[0], args.triggers_per_s, stop))
@@ -329,8 +356,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 server_after.user + server_after.system - server_cpu.user - server_cpu.system
             ) / args.duration
             stop.set()
-            sent_points = await load
-            load_seconds = time.perf_counter() - load_started + args.warmup
+            loader.stdin.close()  # tells the loader to stop
+            out, _ = await loader.communicate()
+            sent_points, load_seconds = orjson.loads(out)
             trigger_count = await fired
             await asyncio.sleep(1)
             reader.cancel()
@@ -394,4 +422,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    emit(asyncio.run(main(parse_args())))
+    if len(sys.argv) > 1 and sys.argv[1] == "--load":
+        load_main(sys.argv[2], float(sys.argv[3]))
+    else:
+        emit(asyncio.run(main(parse_args())))

@@ -232,6 +232,7 @@ class MqttIngest:
     ) -> str:
         """Ingest one message; `sender` is the device that published it when the broker
         authenticated it (embedded broker): then the topic must be its own."""
+        self._count_received(broker, 1)
         resolved = await self._resolve(topic, payload, sender=sender, broker=broker)
         if isinstance(resolved, str):
             return resolved
@@ -245,6 +246,7 @@ class MqttIngest:
         broker): they are queued for the writer together and awaited together, which
         saves the per-message task and wake-up. Raises when any could not be made
         durable: the caller then acknowledges none of them."""
+        self._count_received(broker, len(messages))
         statuses: list[str] = []
         accepted: list[tuple[int, DeviceRef, str, bytes]] = []
         for topic, payload in messages:
@@ -263,6 +265,12 @@ class MqttIngest:
                 statuses[index] = self._status(outcome, broker)
         return statuses
 
+    def _count_received(self, broker: str, count: int) -> None:
+        counter = self._received.get(broker)
+        if counter is None:
+            counter = self._received[broker] = RECEIVED.labels(broker)
+        counter.inc(count)  # once per read, not per message: each inc takes a lock
+
     @staticmethod
     def _status(outcome: IngestOutcome, broker: str) -> str:
         if not outcome.accepted and outcome.rejects:
@@ -275,10 +283,6 @@ class MqttIngest:
         self, topic: str, payload: bytes, *, sender: DeviceRef | None = None, broker: str
     ) -> DeviceRef | str:
         """The device a message is for, or the reason it became a dead letter."""
-        counter = self._received.get(broker)
-        if counter is None:
-            counter = self._received[broker] = RECEIVED.labels(broker)
-        counter.inc()
         parts = parse_telemetry_topic(topic)
         if parts is None:
             return await self._reject(

@@ -142,9 +142,9 @@ class Database:
         written while ingest commits batch after batch can wait several sleeps. Behind
         this lock, writers queue in order and each starts the moment the last one
         commits. (The alert-latency bench did not move measurably either way at 10k
-        points/s; it bounds the worst case.) Other processes, and the API's occasional writes, still meet at
-        SQLite's own lock. On PostgreSQL, with row locks and many writers, there is
-        no gate.
+        points/s; it bounds the worst case.) Other processes, and the API's
+        occasional writes, still meet at SQLite's own lock. On PostgreSQL, with row
+        locks and many writers, there is no gate.
         """
         if self.engine.dialect.name != "sqlite":
             yield
