@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 from plantwatch.assets.models import Device, DeviceKey
 from plantwatch.core import migrate
 from plantwatch.core.db import Database, make_engine, utcnow
+from plantwatch.telemetry.pipeline import WRITER_CACHE_KIB
 from plantwatch.tenancy import service as tenancy_service
 from plantwatch.tenancy.schemas import FactoryCreate
 from plantwatch.tenancy.tokens import new_opaque_token, token_digest
@@ -192,8 +193,8 @@ class RawResult:
 
 def _sqlite_raw(path: str, chunks: Callable[[], Iterable[Sequence[Row]]]) -> list[RawResult]:
     """The same rows twice, into a fresh table identical to telemetry_raw (WITHOUT ROWID,
-    primary key (series_id, ts)) each time, with the app's pragmas (WAL,
-    synchronous=FULL), one transaction per chunk: once with executemany, once with
+    primary key (series_id, ts)) each time, with the ingest writer's pragmas (WAL,
+    synchronous=FULL, its page cache), one transaction per chunk: once with executemany, once with
     multi-row VALUES statements (10,000 rows each, SQLite's variable limit). Only the
     insert + commit is timed."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -201,6 +202,7 @@ def _sqlite_raw(path: str, chunks: Callable[[], Iterable[Sequence[Row]]]) -> lis
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
         for method in ("executemany", "multi-row VALUES"):
             conn.execute("DROP TABLE IF EXISTS bench_raw")
             conn.execute(
