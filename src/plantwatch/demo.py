@@ -40,6 +40,8 @@ from plantwatch.assets.models import (
 from plantwatch.core.config import Settings
 from plantwatch.core.db import Database
 from plantwatch.core.errors import Conflict
+from plantwatch.rules import service as rules_service
+from plantwatch.rules.schemas import RuleBody
 from plantwatch.tenancy import audit
 from plantwatch.tenancy import service as tenancy_service
 from plantwatch.tenancy.models import Factory, User
@@ -592,12 +594,14 @@ async def ensure_demo(db: Database, settings: Settings) -> DemoInfo:
         assert password is not None
         async with db.session() as session:
             try:
-                await seed(session, password)
+                factory = await seed(session, password)
                 await session.commit()
                 created = True
             except Conflict:
                 # Another process seeded it between our check and our insert: theirs stands.
                 await session.rollback()
+        if created:
+            await seed_rules(db, factory.id)
     else:
         password, source = demo_password(settings, create=False)
     return await _describe(db, created, password, source)
@@ -629,6 +633,55 @@ async def _describe(
         logins=logins,
         devices=int(devices or 0),
     )
+
+
+def demo_rules(device_ids: dict[str, int]) -> list[RuleBody]:
+    """One alert rule per machine kind and parameter with a critical limit: the value
+    beyond it for a minute, on every machine of that kind. The degrading demo
+    machines cross them, so alerts appear on their own. `device_ids`: key -> id."""
+    rules: list[RuleBody] = []
+    for kind_name, kind in MACHINE_KINDS.items():
+        ids = [device_ids[m.device_key] for m in MACHINES if m.kind == kind_name]
+        if not ids:
+            continue
+        for spec in kind.parameters:
+            unit = f" {spec.unit}" if spec.unit else ""
+            for operator, limit, word in (
+                ("gt", spec.critical_high, "above"),
+                ("lt", spec.critical_low, "below"),
+            ):
+                if limit is None:
+                    continue
+                rules.append(
+                    RuleBody.model_validate(
+                        {
+                            "name": f"{kind.label}: {spec.display_name} {word} {limit:g}{unit}",
+                            "conditions": {
+                                "parameter": spec.key,
+                                "operator": operator,
+                                "threshold": limit,
+                                "for": "1m",
+                            },
+                            "scope": {"type": "devices", "device_ids": ids},
+                            "severity": "critical",
+                            "cooldown": 900,
+                        }
+                    )
+                )
+    return rules
+
+
+async def seed_rules(db: Database, factory_id: int) -> int:
+    """Create the demo's alert rules (once, with the factory); returns how many."""
+    actor = tenancy_service.SystemActor(factory_id, email="system:demo")
+    async with db.session() as session:
+        rows = await session.execute(
+            select(Device.device_key, Device.id).where(Device.factory_id == factory_id)
+        )
+        bodies = demo_rules({key: device_id for key, device_id in rows})
+        for body in bodies:
+            await rules_service.create_rule(session, actor, body)
+    return len(bodies)
 
 
 async def seed(session: AsyncSession, password: str) -> Factory:

@@ -31,6 +31,7 @@ from plantwatch.assets.schemas import (
     ParameterCreate,
 )
 from plantwatch.core.config import Settings
+from plantwatch.rules.models import Rule, rule_devices
 from plantwatch.tenancy.models import Factory, User
 from plantwatch.tenancy.permissions import Role
 from plantwatch.tenancy.schemas import UserCreate
@@ -185,6 +186,7 @@ async def _counts(container: Container) -> dict[str, int]:
             ("devices", Device),
             ("groups", DeviceGroup),
             ("parameters", DeviceParameter),
+            ("rules", Rule),
         ):
             out[name] = int(await session.scalar(select(func.count()).select_from(model)) or 0)
         out["memberships"] = int(
@@ -217,6 +219,11 @@ async def test_seed_builds_the_plant_once(
         "groups": len(demo.GROUPS),
         "parameters": sum(len(demo.MACHINE_KINDS[m.kind].parameters) for m in demo.MACHINES),
         "memberships": sum(len(m.groups) for m in demo.MACHINES),
+        "rules": sum(
+            (p.critical_high is not None) + (p.critical_low is not None)
+            for kind in {m.kind for m in demo.MACHINES}
+            for p in demo.MACHINE_KINDS[kind].parameters
+        ),
     }
 
     async with container.db.session() as session:
@@ -236,6 +243,26 @@ async def test_seed_builds_the_plant_once(
             70.0,
             80.0,
         )
+
+    # One critical-limit rule per kind and parameter, live, on every machine of the kind.
+    async with container.db.session() as session:
+        rule = await session.scalar(
+            select(Rule).where(Rule.name.like("%Spindle temperature above 80 °C"))
+        )
+        assert rule is not None and rule.is_active and rule.severity == "critical"
+        assert rule.conditions == {
+            "parameter": "spindle_temp",
+            "operator": "gt",
+            "threshold": 80.0,
+            "for": "1m",
+        }
+        covered = set(
+            await session.scalars(
+                select(rule_devices.c.device_id).where(rule_devices.c.rule_id == rule.id)
+            )
+        )
+        mills = await session.scalars(select(Device.id).where(Device.kind == "cnc_mill"))
+        assert covered == set(mills) and mill.id in covered
 
     # Every role logs in with the demo password.
     assert info.password is not None

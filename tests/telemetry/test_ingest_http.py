@@ -313,3 +313,19 @@ async def test_committed_telemetry_is_published_on_the_device_partition(
     assert list(values) == [81.5, 82.0] and len(stamps) == 2
     assert item["states"]["mode"][1] == "RUN"
     assert "bad" not in item["columns"]
+
+
+async def test_a_nul_in_a_rejected_metric_name_is_dead_lettered_not_an_error(
+    client: httpx.AsyncClient, device_a: KeyedDevice
+) -> None:
+    """The reject's detail quotes the metric name; a NUL in it (PostgreSQL text cannot
+    hold one) is escaped, so the dead letter is stored and the good point too."""
+    response = await client.post(
+        "/api/v1/ingest",
+        content=b'{"values": {"\\u0000": null, "ok": 1}}',
+        headers=device_a.headers,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["accepted"] == 1
+    [letter] = await _dead_letters(client, device_a.owner)
+    assert "\x00" not in letter["detail"] and "\\x00" in letter["detail"]

@@ -33,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from plantwatch.assets.models import Device
 from plantwatch.assets.schemas import DEVICE_KEY_PATTERN
 from plantwatch.core.db import Database
+from plantwatch.telemetry.payloads import clean_text
 from plantwatch.telemetry.pipeline import DeviceRef, IngestOutcome, IngestPipeline
 from plantwatch.telemetry.service import (
     DEVICE_INACTIVE,
@@ -143,14 +144,8 @@ def _valid_device_key(key: str) -> bool:
     return len(key) <= _DEVICE_KEY_MAX and _DEVICE_KEY_RE.fullmatch(key) is not None
 
 
-def _clean_text(value: str, limit: int) -> str:
-    """Text safe for any database column: no NUL, no lone surrogates, bounded length."""
-    cleaned = value[: limit * 2].replace("\x00", "\\x00")
-    return cleaned.encode("utf-8", "backslashreplace").decode()[:limit]
-
-
 def _show(value: str, limit: int = 120) -> str:
-    return repr(_clean_text(value, limit))
+    return repr(clean_text(value, limit))
 
 
 # --- broker URLs -----------------------------------------------------------------------
@@ -402,8 +397,8 @@ class MqttIngest:
             source=SOURCE,
             raw=bytes(payload[:DEAD_LETTER_PAYLOAD_LIMIT]),
             reason=reason,
-            detail=_clean_text(detail, 2000),
-            topic=_clean_text(topic, _TOPIC_COLUMN),
+            detail=clean_text(detail, 2000),
+            topic=clean_text(topic, _TOPIC_COLUMN),
             device_key=sender.device_key if sender else device_key,
             device_id=sender.device_id if sender else None,
         )

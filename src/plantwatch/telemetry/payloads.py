@@ -53,6 +53,13 @@ class Limits:
     max_past_ms: int | None = 7 * 24 * 3600 * 1000
 
 
+def clean_text(value: str, limit: int) -> str:
+    """Text safe for any database column: no NUL, no lone surrogates, bounded length
+    (a reject's detail quotes what the sender sent, which may be anything)."""
+    cleaned = value[: limit * 2].replace("\x00", "\\x00")
+    return cleaned.encode("utf-8", "backslashreplace").decode()[:limit]
+
+
 def backfill_limits(live: Limits, max_entries: int = 0) -> Limits:
     """Limits for history being loaded (imports and their replays): timestamps of any
     age, any payload size; the live metric count, and at least `max_entries` entries."""

@@ -683,14 +683,16 @@ class IngestPipeline:
         return latest
 
     def _dead_row(self, job: _Job, reject: payloads.Reject, payload: bytes) -> dict[str, Any]:
+        # Texts quote what the sender sent: made safe for the columns (topic: String(300)).
+        topic = None if job.topic is None else payloads.clean_text(job.topic, 300)
         return {
             "factory_id": job.factory_id,
             "device_id": job.device.device_id if job.device else None,
             "device_key": job.device_key,
             "source": job.source,
-            "topic": job.topic,
+            "topic": topic,
             "reason": reject.reason,
-            "detail": reject.detail[:2000],
+            "detail": payloads.clean_text(reject.detail, 2000),
             # A whole-message reject keeps the exact bytes for replay; a point reject
             # keeps the offending entry as JSON.
             "payload": payload,
