@@ -29,6 +29,7 @@ from plantwatch.telemetry.kpi_routes import router as kpi_router
 from plantwatch.telemetry.routes import router as telemetry_router
 from plantwatch.telemetry.transfer_routes import router as transfer_router
 from plantwatch.tenancy.routes import router as tenancy_router
+from plantwatch.web.routes import install_web
 
 DOMAIN_ROUTERS = [
     tenancy_router,
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
 
     for router in DOMAIN_ROUTERS:
         app.include_router(router)
+    install_web(app)
 
     @app.get("/health", tags=["system"], summary="Liveness and each dependency's state")
     async def health(request: Request) -> Response:

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     notify_templates_dir: Path | None = None
 
     cors_origins: list[str] = Field(default_factory=list)
+    # The web UI's session cookies carry `Secure` (HTTPS only): set it when
+    # plantwatch is served over HTTPS, directly or behind a TLS proxy.
+    cookie_secure: bool = False
     trusted_proxies: list[str] = Field(default_factory=list)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -44,6 +44,22 @@ DOCS_CSP = (
     b"style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: "
     b"https://fastapi.tiangolo.com; frame-ancestors 'none'"
 )
+# The web UI: scripts only from plantwatch's own files (no inline script, no eval);
+# inline styles are allowed for the widths and colours scripts set.
+UI_CSP = (
+    b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    b"img-src 'self' data:; connect-src 'self'; form-action 'self'; base-uri 'self'; "
+    b"frame-ancestors 'none'"
+)
+
+
+def _csp(path: str) -> bytes:
+    if path.startswith("/api/docs"):
+        return DOCS_CSP
+    if path.startswith(("/api/", "/health", "/ready", "/metrics")):
+        return API_CSP
+    return UI_CSP
+
 
 log = structlog.get_logger("plantwatch.http")
 
@@ -83,8 +99,7 @@ class RequestContextMiddleware:
                     if name not in present:
                         headers.append((name, value))
                 if b"content-security-policy" not in present:
-                    csp = DOCS_CSP if path.startswith("/api/docs") else API_CSP
-                    headers.append((b"content-security-policy", csp))
+                    headers.append((b"content-security-policy", _csp(path)))
                 if https:
                     headers.append((b"strict-transport-security", b"max-age=31536000"))
                 message["headers"] = headers

@@ -11,7 +11,13 @@ from starlette.responses import StreamingResponse
 from plantwatch.core.errors import Forbidden, Unauthorized
 from plantwatch.stream.service import STREAM_TYPES, TYPE_PERMISSIONS, StreamClosed, StreamRequest
 from plantwatch.telemetry.kpis import query_error
-from plantwatch.tenancy.auth import Principal, bearer, container, current_principal
+from plantwatch.tenancy.auth import (
+    ACCESS_COOKIE,
+    Principal,
+    bearer,
+    container,
+    current_principal,
+)
 
 router = APIRouter(prefix="/api/v1", tags=["stream"])
 
@@ -93,8 +99,12 @@ async def stream(
         ),
     ] = None,
 ) -> StreamingResponse:
-    if credentials is None and access_token:
-        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=access_token)
+    if credentials is None:
+        # EventSource sends no headers: the token comes in the URL, or the web UI's
+        # session cookie (read once: a stream outliving its token ends with `close`).
+        token = access_token or request.cookies.get(ACCESS_COOKIE)
+        if token:
+            credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("Missing bearer token", code="token_missing")
     auth = credentials

@@ -6,6 +6,7 @@ Every tenant-scoped route depends on `require("perm")`, which yields a
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,17 @@ from plantwatch.tenancy.permissions import effective_permissions
 from plantwatch.tenancy.tokens import InvalidToken, decode_access_token
 
 bearer = HTTPBearer(auto_error=False, description="Access token from POST /api/v1/auth/login")
+
+# The web UI's login (web/session.py) keeps the same access token in an HttpOnly
+# cookie, so pages, their fetches and EventSource authenticate without JavaScript
+# ever holding a token. A cookie is sent by the browser on its own, so a request
+# that changes something must also echo the CSRF cookie in a header (double
+# submit); a bearer token is never sent implicitly and needs no such check.
+ACCESS_COOKIE = "pw_access"
+REFRESH_COOKIE = "pw_refresh"
+CSRF_COOKIE = "pw_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -67,10 +79,33 @@ async def current_principal(
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     session: AsyncSession = Depends(db_session),
 ) -> Principal:
-    if credentials is None or credentials.scheme.lower() != "bearer":
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        token = credentials.credentials
+    elif cookie := request.cookies.get(ACCESS_COOKIE):
+        check_csrf(request)
+        token = cookie
+    else:
         raise Unauthorized("Missing bearer token", code="token_missing")
+    return await principal_for_token(request, token, session)
+
+
+def check_csrf(request: Request) -> None:
+    """A cookie-authenticated request that changes something must echo the CSRF cookie."""
+    if request.method in SAFE_METHODS:
+        return
+    expected = request.cookies.get(CSRF_COOKIE)
+    given = request.headers.get(CSRF_HEADER)
+    if not expected or not given or not secrets.compare_digest(expected, given):
+        raise Forbidden(
+            f"Missing or wrong {CSRF_HEADER} header for a cookie-authenticated request",
+            code="csrf_failed",
+        )
+
+
+async def principal_for_token(request: Request, token: str, session: AsyncSession) -> Principal:
+    """The caller behind an access token, checked against its login session."""
     try:
-        claims = decode_access_token(container(request).secret, credentials.credentials)
+        claims = decode_access_token(container(request).secret, token)
     except InvalidToken as exc:
         raise Unauthorized("Invalid or expired token", code="token_invalid") from exc
     row = (

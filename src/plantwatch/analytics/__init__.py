@@ -1,0 +1,1 @@
+"""Health, predictions and analytics results (DESIGN §2)."""
