@@ -222,9 +222,12 @@ def _chromium_available() -> bool:
     return Path(CHROMIUM).exists() or shutil.which("chromium") is not None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator[Any]:
-    if not _chromium_available():
+    """Chromium for one test. Not shared by the session: Playwright's sync API keeps
+    its own event loop marked running in this thread while it is alive, and the
+    async tests that follow would fail to start theirs."""
+    if not _chromium_available():  # pragma: no cover
         pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium (.ci/run does)")
     from playwright.sync_api import sync_playwright
 

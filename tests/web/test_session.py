@@ -137,3 +137,18 @@ async def test_pages_send_a_content_security_policy_without_inline_script(
     csp = page.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("style-src")[0]
     assert "<script>" not in page.text
+
+
+async def test_two_tabs_refreshing_at_once_stay_logged_in_but_a_late_replay_does_not(
+    as_browser: AsBrowser, login_as: LoginAs, factory_a: Factory, client: httpx.AsyncClient
+) -> None:
+    who = await login_as(factory_a, "viewer")
+    tab_a, tab_b = await as_browser(who), await as_browser(who)
+    first = await tab_a.post("/session/refresh")
+    second = await tab_b.post("/session/refresh")  # same spent cookie, a moment later
+    assert first.status_code == 204 and second.status_code == 204
+    assert first.cookies.get("pw_refresh") != second.cookies.get("pw_refresh")
+    # The API's own refresh keeps strict rotation: a replay revokes the login.
+    replay = await client.post("/api/v1/auth/refresh", json={"refresh_token": who.refresh_token})
+    assert replay.status_code == 401
+    assert replay.json()["code"] == "refresh_reused"

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from plantwatch.alerts import lifecycle
 from plantwatch.alerts.models import Alert, AlertEvent, AlertSlaPolicy, EscalationLevel
@@ -103,7 +104,7 @@ async def publish(bus: Bus, changes: Iterable[AlertChange]) -> None:
 
 
 def add_timeline(
-    session: AsyncSession,
+    session: AsyncSession | Session,
     alert: Alert,
     kind: str,
     at: dt.datetime,
@@ -137,7 +138,11 @@ async def sla_policies(session: AsyncSession, factory_id: int) -> dict[str, life
 
 
 async def sla_policy(session: AsyncSession, factory_id: int, severity: str) -> lifecycle.SlaPolicy:
-    row = await session.get(AlertSlaPolicy, (factory_id, severity))
+    return await session.run_sync(lambda sync: sla_policy_sync(sync, factory_id, severity))
+
+
+def sla_policy_sync(session: Session, factory_id: int, severity: str) -> lifecycle.SlaPolicy:
+    row = session.get(AlertSlaPolicy, (factory_id, severity))
     if row is not None:
         return lifecycle.SlaPolicy(row.ack_s, row.resolve_s, row.remind_every_s)
     return lifecycle.DEFAULT_SLA.get(severity, lifecycle.SlaPolicy(None, None))
@@ -221,8 +226,13 @@ def start_sla(alert: Alert, policy: lifecycle.SlaPolicy, at: dt.datetime) -> Non
 # --- the engine's entry points -------------------------------------------------------------
 
 
-async def raise_alert(
-    session: AsyncSession,
+async def raise_alert(session: AsyncSession, **kwargs: Any) -> AlertChange:
+    """`raise_alert_sync` on an async session (same arguments). Does not commit."""
+    return await session.run_sync(lambda sync: raise_alert_sync(sync, **kwargs))
+
+
+def raise_alert_sync(
+    session: Session,
     *,
     factory_id: int,
     rule_id: int,
@@ -239,10 +249,12 @@ async def raise_alert(
 
     The unique `open_key` makes "one open alert" hold under concurrency: if another
     transaction opened it first, our insert fails and we bump theirs instead.
+    Synchronous, so the rule engine can run its whole alert transaction in one hop
+    to the database (Database.run_write); `raise_alert` is the async form.
     """
     key = open_key(rule_id, device_id)
     for attempt in range(3):
-        bumped = await session.scalar(
+        bumped = session.scalar(
             update(Alert)
             .where(Alert.open_key == key, Alert.factory_id == factory_id)
             .values(
@@ -262,7 +274,7 @@ async def raise_alert(
                 data={"occurrences": bumped.occurrences, "message": message, "facts": facts},
             )
             return alert_change(bumped, "repeated", at, received_ms=received_ms)
-        policy = await sla_policy(session, factory_id, severity)
+        policy = sla_policy_sync(session, factory_id, severity)
         alert = Alert(
             factory_id=factory_id,
             rule_id=rule_id,
@@ -284,13 +296,13 @@ async def raise_alert(
             # One writer at a time, from the UPDATE above to the commit: nobody can
             # open this alert in between, and a savepoint would cost two more trips.
             session.add(alert)
-            await session.flush()
+            session.flush()
             add_timeline(session, alert, "created", at, data={"message": message})
             return alert_change(alert, "created", at, received_ms=received_ms)
         try:
-            async with session.begin_nested():
+            with session.begin_nested():
                 session.add(alert)
-                await session.flush()
+                session.flush()
         except IntegrityError:
             if attempt == 2:
                 raise
@@ -300,8 +312,13 @@ async def raise_alert(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def clear_alert(
-    session: AsyncSession,
+async def clear_alert(session: AsyncSession, **kwargs: Any) -> AlertChange | None:
+    """`clear_alert_sync` on an async session (same arguments). Does not commit."""
+    return await session.run_sync(lambda sync: clear_alert_sync(sync, **kwargs))
+
+
+def clear_alert_sync(
+    session: Session,
     *,
     factory_id: int,
     rule_id: int,
@@ -310,7 +327,7 @@ async def clear_alert(
     message: str,
 ) -> AlertChange | None:
     """The condition cleared: resolve the open alert (no actor). None if none is open."""
-    alert = await session.scalar(
+    alert = session.scalar(
         select(Alert)
         .where(Alert.open_key == open_key(rule_id, device_id), Alert.factory_id == factory_id)
         .with_for_update()
@@ -532,6 +549,16 @@ async def list_alerts(
     return [_out(r, now) for r in rows], total
 
 
+async def find_alert(
+    session: AsyncSession, factory_id: int, alert_id: int, **filters: Any
+) -> AlertOut | None:
+    """One alert as a list row (no timeline), or None when this factory has no such
+    alert or it does not match `filters` (the UI re-renders one row of a filtered feed)."""
+    stmt = _filtered(_with_names().where(Alert.id == alert_id), factory_id, **filters)
+    row = (await session.execute(stmt)).first()
+    return _out(row, utcnow()) if row is not None else None
+
+
 async def counts(session: AsyncSession, factory_id: int, **filters: Any) -> AlertCounts:
     stmt = _filtered(
         select(Alert.severity, Alert.status, func.count()).group_by(Alert.severity, Alert.status),
@@ -553,6 +580,46 @@ async def counts(session: AsyncSession, factory_id: int, **filters: Any) -> Aler
         by_status=by_status,
         open_by_severity=open_by_severity,
     )
+
+
+OPEN_STATES = (lifecycle.TRIGGERED, lifecycle.ACKNOWLEDGED)
+
+
+async def open_counts_by_device(
+    session: AsyncSession, factory_id: int
+) -> dict[int, dict[str, int]]:
+    """Open alerts (triggered or acknowledged) per device and severity: one GROUP BY,
+    for dashboards ranking machines. Alerts without a device are left out. (Core
+    rows: thousands of them, without the ORM's per-row work.)"""
+    conn = await session.connection()
+    rows = await conn.execute(
+        select(Alert.device_id, Alert.severity, func.count())
+        .where(
+            Alert.factory_id == factory_id,
+            Alert.status.in_(OPEN_STATES),
+            Alert.device_id.is_not(None),
+        )
+        .group_by(Alert.device_id, Alert.severity)
+    )
+    out: dict[int, dict[str, int]] = {}
+    for device_id, severity, n in rows.all():
+        if device_id is not None:
+            out.setdefault(device_id, {})[severity] = n
+    return out
+
+
+async def latest_alerts(session: AsyncSession, factory_id: int, limit: int = 10) -> list[AlertOut]:
+    """The most recently triggered alerts, newest first (no total: a dashboard's feed)."""
+    rows = (
+        await session.execute(
+            _with_names()
+            .where(Alert.factory_id == factory_id)
+            .order_by(Alert.triggered_at.desc(), Alert.id.desc())
+            .limit(limit)
+        )
+    ).all()
+    now = utcnow()
+    return [_out(r, now) for r in rows]
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -894,3 +961,54 @@ async def put_chain(
     )
     await session.commit()
     return out
+
+
+# --- open alerts per device (machines list, machine health) -------------------------------
+
+_OPEN = (lifecycle.TRIGGERED, lifecycle.ACKNOWLEDGED)
+
+
+def open_alerts_select(factory_id: int) -> Any:
+    """A GROUP BY select, one row per device with open alerts: device_id, a count per
+    severity (columns named after SEVERITIES), `open` and `worst` (SEVERITY_RANK of
+    the worst). Join it as a subquery to sort devices by their alerts or health."""
+    per_severity = [
+        func.sum(case((Alert.severity == s, 1), else_=0)).label(s) for s in SEVERITIES
+    ]
+    return (
+        select(
+            Alert.device_id.label("device_id"),
+            *per_severity,
+            func.count().label("open"),
+            func.max(_severity_rank).label("worst"),
+        )
+        .where(
+            Alert.factory_id == factory_id,
+            Alert.status.in_(_OPEN),
+            Alert.device_id.is_not(None),
+        )
+        .group_by(Alert.device_id)
+    )
+
+
+async def open_counts_for_devices(
+    session: AsyncSession, factory_id: int, device_ids: Sequence[int]
+) -> dict[int, dict[str, int]]:
+    """Open alerts of these devices by severity, in one GROUP BY query; devices
+    without open alerts are left out."""
+    if not device_ids:
+        return {}
+    rows = await session.execute(
+        select(Alert.device_id, Alert.severity, func.count())
+        .where(
+            Alert.factory_id == factory_id,
+            Alert.status.in_(_OPEN),
+            Alert.device_id.in_(list(device_ids)),
+        )
+        .group_by(Alert.device_id, Alert.severity)
+    )
+    found: dict[int, dict[str, int]] = {}
+    for device_id, severity, n in rows.all():
+        if device_id is not None:
+            found.setdefault(device_id, {})[severity] = int(n)
+    return found

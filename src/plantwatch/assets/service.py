@@ -710,6 +710,65 @@ async def list_devices(
     return [device_out(row) for row in rows], total
 
 
+async def device_status_counts(
+    session: AsyncSession, factory_id: int
+) -> dict[tuple[str, bool], int]:
+    """How many devices the factory has per (status, is_active): one GROUP BY, for
+    dashboards (status: online / offline / unknown = never seen)."""
+    rows = await session.execute(
+        select(Device.status, Device.is_active, func.count())
+        .where(Device.factory_id == factory_id)
+        .group_by(Device.status, Device.is_active)
+    )
+    return {(status, bool(active)): n for status, active, n in rows.all()}
+
+
+class DeviceBrief(NamedTuple):
+    id: int
+    device_key: str
+    name: str
+    status: str
+
+
+async def offline_and_inactive_ids(
+    session: AsyncSession, factory_id: int
+) -> tuple[list[int], set[int]]:
+    """Ids of the factory's active devices that are offline (ascending), and of its
+    decommissioned ones: what ranking machines by health needs, without loading every
+    device (online and never-seen devices cost a health score nothing)."""
+    conn = await session.connection()
+    rows = await conn.execute(
+        select(Device.id, Device.is_active)
+        .where(
+            Device.factory_id == factory_id,
+            or_(Device.status == "offline", Device.is_active.is_(False)),
+        )
+        .order_by(Device.id)
+    )
+    offline: list[int] = []
+    inactive: set[int] = set()
+    for device_id, is_active in rows.all():
+        if is_active:
+            offline.append(device_id)
+        else:
+            inactive.add(device_id)
+    return offline, inactive
+
+
+async def device_briefs(
+    session: AsyncSession, factory_id: int, ids: Sequence[int]
+) -> list[DeviceBrief]:
+    """Id, key, name and status of a few devices of the factory (a page's worth)."""
+    if not ids:
+        return []
+    rows = await session.execute(
+        select(Device.id, Device.device_key, Device.name, Device.status).where(
+            Device.factory_id == factory_id, Device.id.in_(list(ids))
+        )
+    )
+    return [DeviceBrief(*r) for r in rows.all()]
+
+
 async def get_device(session: AsyncSession, factory_id: int, device_id: int) -> DeviceOut:
     return device_out(await _device_row(session, factory_id, device_id))
 
@@ -1327,3 +1386,33 @@ async def device_self(session: AsyncSession, caller: AuthenticatedDevice) -> Dev
 
 def telemetry_topic(factory_slug: str, device_key: str) -> str:
     return f"factories/{factory_slug}/devices/{device_key}/telemetry"
+
+
+# --- for the machines pages ------------------------------------------------------------
+
+
+async def device_kinds(session: AsyncSession, factory_id: int) -> list[str]:
+    """The distinct kinds of the factory's devices, sorted (for a filter's choices)."""
+    rows = await session.scalars(
+        select(Device.kind)
+        .where(Device.factory_id == factory_id, Device.kind.is_not(None))
+        .distinct()
+        .order_by(Device.kind)
+    )
+    return [kind for kind in rows.all() if kind]
+
+
+async def groups_of_device(
+    session: AsyncSession, factory_id: int, device_id: int
+) -> list[DeviceGroup]:
+    """The groups a device belongs to, by name."""
+    rows = await session.scalars(
+        select(DeviceGroup)
+        .join(device_group_members, device_group_members.c.group_id == DeviceGroup.id)
+        .where(
+            DeviceGroup.factory_id == factory_id,
+            device_group_members.c.device_id == device_id,
+        )
+        .order_by(func.lower(DeviceGroup.name))
+    )
+    return list(rows.all())

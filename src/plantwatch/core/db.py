@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, event, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Integer,
+    MetaData,
+    create_engine,
+    event,
+    make_url,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
@@ -21,9 +32,11 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
+
+T = TypeVar("T")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -127,6 +140,7 @@ class Database:
             self.engine.execution_options(**{WRITE_INTENT: True}), expire_on_commit=False
         )
         self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._sync: _SyncWriter | None = None
 
     @property
     def dialect(self) -> str:
@@ -160,9 +174,58 @@ class Database:
         async with self.sessionmaker() as session:
             yield session
 
+    async def run_write(self, work: Callable[[Session], T]) -> T:
+        """Run `work(session)`, a whole write transaction that commits, in the fewest
+        round trips the backend allows.
+
+        SQLite: on a connection of its own, in one worker thread, behind the write
+        gate — one hop for the whole transaction. Through the async driver each
+        statement is a hop to its thread and back, and each resumes only when the
+        event loop gets to it, behind whatever else is queued there (at 10k points/s
+        of ingest that is ~1.5 ms a statement). PostgreSQL: an async session's
+        run_sync (each statement is a network round trip anyway).
+        """
+        if self.engine.dialect.name != "sqlite" or self._memory_sqlite():
+            async with self.session() as session:
+                return await session.run_sync(work)
+        if self._sync is None:
+            self._sync = _SyncWriter(self.url)
+        writer = self._sync
+        async with self.write_gate():
+            return await asyncio.get_running_loop().run_in_executor(writer.thread, writer.run, work)
+
+    def _memory_sqlite(self) -> bool:
+        database = make_url(self.url).database
+        return not database or database == ":memory:" or database.startswith("file::memory")
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
+        if self._sync is not None:
+            writer, self._sync = self._sync, None
+            await asyncio.get_running_loop().run_in_executor(writer.thread, writer.close)
+            writer.thread.shutdown(wait=True)
         await self.engine.dispose()
+
+
+class _SyncWriter:
+    """A synchronous SQLite connection used only from its one thread (Database.run_write)."""
+
+    def __init__(self, url: str) -> None:
+        sync_url = make_url(url).set(drivername="sqlite")
+        self.engine = create_engine(sync_url, pool_size=1, max_overflow=0)
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine, "begin", _sqlite_begin)
+        self.sessionmaker = sessionmaker(
+            self.engine.execution_options(**{WRITE_INTENT: True}), expire_on_commit=False
+        )
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plantwatch-write")
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        with self.sessionmaker() as session:
+            return work(session)
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -53,6 +53,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from plantwatch.alerts import service as alerts
 from plantwatch.assets.models import Device, DeviceParameter, device_group_members
@@ -964,8 +965,12 @@ class RuleEngine:
 
     async def _write(self, steps: list[Step]) -> list[tuple[Step, alerts.AlertChange]]:
         assert self.db is not None
-        done: list[tuple[Step, alerts.AlertChange]] = []
-        async with self.db.write_gate(), self.db.session() as session:
+        stream = self.stream
+
+        def write(session: Session) -> tuple[list[tuple[Step, alerts.AlertChange]], list[Any]]:
+            # Runs as one unit in the database's writer (Database.run_write): on SQLite
+            # the whole transaction is one hop, not one per statement.
+            done: list[tuple[Step, alerts.AlertChange]] = []
             for step in steps:
                 slot = step.slot
                 rule = slot.rule
@@ -973,7 +978,7 @@ class RuleEngine:
                     continue
                 at = _at(step.at_ms)
                 if step.kind == "clear":
-                    cleared = await alerts.clear_alert(
+                    cleared = alerts.clear_alert_sync(
                         session,
                         factory_id=rule.factory_id,
                         rule_id=rule.id,
@@ -984,7 +989,7 @@ class RuleEngine:
                     if cleared is not None:
                         done.append((step, cleared))
                 else:
-                    raised = await alerts.raise_alert(
+                    raised = alerts.raise_alert_sync(
                         session,
                         factory_id=rule.factory_id,
                         rule_id=rule.id,
@@ -999,16 +1004,21 @@ class RuleEngine:
                     )
                     done.append((step, raised))
             recorded: list[StoredEvent] = []
-            if self.stream is not None and done:
+            if stream is not None and done:
                 # The stream's log entries commit with the alerts (an outbox), so the
                 # alert reaches live screens without a second transaction.
-                recorded = await self.stream.record_in(
-                    await session.connection(),
+                recorded = stream.record_in_sync(
+                    session.connection(),
                     [(change.subject, change.payload) for _, change in done],
                 )
-            await session.commit()
-        if recorded and self.stream is not None:
-            self.stream.committed(recorded)
+            session.commit()
+            return done, recorded
+
+        if not any(step.slot.rule.alert for step in steps):
+            return []
+        done, recorded = await self.db.run_write(write)
+        if recorded and stream is not None:
+            stream.committed(recorded)
         for step, change in done:
             slot = step.slot
             alert_id = change.payload.get("alert_id")

@@ -8,9 +8,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import case, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from plantwatch.alerts.models import Alert
 from plantwatch.assets.models import Device, DeviceGroup, DeviceParameter, device_group_members
 from plantwatch.core.bus import Bus
 from plantwatch.core.errors import NotFound, Problem, invalid_body
@@ -19,7 +20,7 @@ from plantwatch.core.schemas import PageParams
 from plantwatch.notify.models import NotificationChannel
 from plantwatch.rules import conditions as cond
 from plantwatch.rules.firing import FiringTracker
-from plantwatch.rules.models import Rule, rule_devices
+from plantwatch.rules.models import Rule, RuleDeviceState, rule_devices
 from plantwatch.rules.schedules import Schedule, parse_schedule
 from plantwatch.rules.schemas import (
     BacktestOut,
@@ -638,3 +639,128 @@ async def body_of(session: AsyncSession, factory_id: int, rule_id: int) -> RuleB
             "is_active": out.is_active,
         }
     )
+
+
+# --- the web UI's rule pages -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleActivity:
+    """When a rule last fired (any device) and how many of its alerts are open."""
+
+    last_fired_at: dt.datetime | None = None
+    open_alerts: int = 0
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    """One line of the rules list: the rule and what its summary needs, no per-row query."""
+
+    rule: Rule
+    device_count: int
+    group_name: str | None
+    activity: RuleActivity
+
+
+async def rule_activity(
+    session: AsyncSession, factory_id: int, rule_ids: Sequence[int]
+) -> dict[int, RuleActivity]:
+    """Last firing and open alerts of some rules: two grouped queries. A firing is
+    the newest alert, or the engine's own record (it fires without alerts too)."""
+    if not rule_ids:
+        return {}
+    ids = list(rule_ids)
+    alerts = (
+        await session.execute(
+            select(
+                Alert.rule_id,
+                func.max(Alert.triggered_at),
+                func.sum(case((Alert.status != "resolved", 1), else_=0)),
+            )
+            .where(Alert.factory_id == factory_id, Alert.rule_id.in_(ids))
+            .group_by(Alert.rule_id)
+        )
+    ).all()
+    fired = dict(
+        (
+            await session.execute(
+                select(RuleDeviceState.rule_id, func.max(RuleDeviceState.last_fired_at))
+                .where(RuleDeviceState.rule_id.in_(ids))
+                .group_by(RuleDeviceState.rule_id)
+            )
+        ).all()
+    )
+    out: dict[int, RuleActivity] = {}
+    for rule_id, last_alert, open_count in alerts:
+        out[rule_id] = RuleActivity(last_alert, int(open_count or 0))
+    for rule_id, last_state in fired.items():
+        current = out.get(rule_id, RuleActivity())
+        if last_state is not None and (
+            current.last_fired_at is None or last_state > current.last_fired_at
+        ):
+            out[rule_id] = RuleActivity(last_state, current.open_alerts)
+    return out
+
+
+async def list_rule_rows(
+    session: AsyncSession,
+    factory_id: int,
+    params: PageParams,
+    *,
+    search: str | None = None,
+    is_active: bool | None = None,
+    severity: str | None = None,
+    sort: str | None = None,
+) -> tuple[list[RuleRow], int]:
+    """A page of rules with device counts, group names and activity: five queries."""
+    device_count = (
+        select(func.count())
+        .where(rule_devices.c.rule_id == Rule.id)
+        .correlate(Rule)
+        .scalar_subquery()
+    )
+    stmt = (
+        select(Rule, device_count, DeviceGroup.name)
+        .outerjoin(DeviceGroup, DeviceGroup.id == Rule.group_id)
+        .where(Rule.factory_id == factory_id)
+    )
+    if search:
+        stmt = stmt.where(func.lower(Rule.name).like(like_pattern(search), escape="\\"))
+    if is_active is not None:
+        stmt = stmt.where(Rule.is_active.is_(is_active))
+    if severity is not None:
+        stmt = stmt.where(Rule.severity == severity)
+    rows, total = await paginate(
+        session, stmt, params, parse_sort(sort, RULE_SORTS, "name"), Rule.id, rows=True
+    )
+    activity = await rule_activity(session, factory_id, [r[0].id for r in rows])
+    return [
+        RuleRow(rule, int(count or 0), group, activity.get(rule.id, RuleActivity()))
+        for rule, count, group in rows
+    ], total
+
+
+async def parameter_keys(session: AsyncSession, factory_id: int, limit: int = 2000) -> list[str]:
+    """The parameter keys the factory's devices report, for the rule editor's suggestions."""
+    rows = await session.scalars(
+        select(DeviceParameter.key)
+        .where(DeviceParameter.factory_id == factory_id)
+        .group_by(DeviceParameter.key)
+        .order_by(DeviceParameter.key)
+        .limit(limit)
+    )
+    return list(rows.all())
+
+
+async def device_labels(
+    session: AsyncSession, factory_id: int, device_ids: Sequence[int]
+) -> list[tuple[int, str, str]]:
+    """(id, device_key, name) of some of the factory's devices, by name."""
+    if not device_ids:
+        return []
+    rows = await session.execute(
+        select(Device.id, Device.device_key, Device.name)
+        .where(Device.factory_id == factory_id, Device.id.in_(list(device_ids)))
+        .order_by(Device.name, Device.id)
+    )
+    return [(int(i), str(k), str(n)) for i, k, n in rows.all()]

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 import structlog
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import Connection, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from plantwatch.core.bus import Bus, Subscription
@@ -112,14 +112,19 @@ _COLUMNS = (
 
 
 async def append_rows(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """`append_rows_sync` on an async connection."""
+    return await conn.run_sync(append_rows_sync, rows)
+
+
+def append_rows_sync(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
     """Append rows in order inside the caller's transaction, under the append lock;
     returns their ids, in order."""
     if conn.dialect.name == "postgresql":
         # Held to commit: the next writer draws its ids only after ours are visible,
         # so no reader ever sees id N+1 while N is still in flight. (SQLite: the
         # insert takes the database's one write lock, held to commit as well.)
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": APPEND_LOCK_KEY})
-    result = await conn.execute(
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": APPEND_LOCK_KEY})
+    result = conn.execute(
         insert(StreamEvent).returning(StreamEvent.id, sort_by_parameter_order=True), list(rows)
     )
     return list(result.scalars())
@@ -761,6 +766,12 @@ class StreamService:
     async def record_in(
         self, conn: AsyncConnection, events: Sequence[tuple[str, dict[str, Any]]]
     ) -> list[StoredEvent]:
+        """`record_in_sync` on an async connection."""
+        return await conn.run_sync(self.record_in_sync, events)
+
+    def record_in_sync(
+        self, conn: Connection, events: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[StoredEvent]:
         """Append (subject, payload) events inside the caller's transaction (an outbox:
         the log entry commits with the change itself, one transaction instead of two).
         After the commit, hand the result to `committed`; each payload is marked with
@@ -770,7 +781,7 @@ class StreamService:
         if not pairs:
             return []
         rows = [row for _, row in pairs]
-        ids = await append_rows(conn, rows)
+        ids = append_rows_sync(conn, rows)
         for (payload, _), event_id in zip(pairs, ids, strict=True):
             payload[RECORDED_MARK] = event_id
         return [

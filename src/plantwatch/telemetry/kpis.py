@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypedDict, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from plantwatch.assets.models import Device, DeviceParameter
@@ -29,7 +29,7 @@ from plantwatch.core.db import utcnow
 from plantwatch.core.errors import NotFound, Problem
 from plantwatch.telemetry import queries
 from plantwatch.telemetry.latest import Entry, LatestCache, of_devices
-from plantwatch.telemetry.models import series_latest
+from plantwatch.telemetry.models import series_latest, telemetry_raw
 from plantwatch.telemetry.rollups import HOUR_MS
 from plantwatch.telemetry.schemas import (
     DeviceEnergyDetailOut,
@@ -659,3 +659,87 @@ async def device_energy(
         timezone=timezone,
         day_start=start,
     )
+
+
+# --- limit levels and previous values (machines list, machine page) --------------------------
+
+
+def _at_limit(value: Any, low: Any, high: Any) -> ColumnElement[bool]:
+    return or_(and_(high.is_not(None), value >= high), and_(low.is_not(None), value <= low))
+
+
+def limit_levels_select(factory_id: int, device_ids: Sequence[int] | None = None) -> Any:
+    """A GROUP BY select, one row per device with a latest value at a limit: device_id,
+    `critical` and `warning` (how many of its parameters sit at each level, the rule
+    of `level_of`). Join it as a subquery to sort devices by health. Only values at a
+    limit reach the GROUP BY, read in the (factory, device) index's order."""
+    p, latest = DeviceParameter, series_latest
+    value = latest.c.value
+    critical = _at_limit(value, p.critical_low, p.critical_high)
+    warning = _at_limit(value, p.warning_low, p.warning_high)
+    stmt = (
+        select(
+            latest.c.device_id.label("device_id"),
+            func.sum(case((critical, 1), else_=0)).label("critical"),
+            func.sum(case((critical, 0), else_=1)).label("warning"),
+        )
+        .select_from(latest)
+        .join(p, p.id == latest.c.series_id)
+        .where(
+            latest.c.factory_id == factory_id,
+            p.factory_id == factory_id,
+            value.is_not(None),
+            or_(critical, warning),
+        )
+        .group_by(latest.c.device_id)
+    )
+    if device_ids is not None:
+        stmt = stmt.where(latest.c.device_id.in_(list(device_ids)))
+    return stmt
+
+
+async def limit_levels_for_devices(
+    session: AsyncSession, factory_id: int, device_ids: Sequence[int]
+) -> dict[int, dict[str, int]]:
+    """{device_id: {"critical": n, "warning": m}} for these devices, one query; devices
+    with no parameter at a limit are left out."""
+    if not device_ids:
+        return {}
+    rows = await session.execute(limit_levels_select(factory_id, device_ids))
+    found: dict[int, dict[str, int]] = {}
+    for device_id, n_critical, n_warning in rows.all():
+        levels = {"critical": int(n_critical or 0), "warning": int(n_warning or 0)}
+        found[device_id] = {k: v for k, v in levels.items() if v}
+    return found
+
+
+PREVIOUS_VALUE_WINDOW_MS = 24 * MS_PER_HOUR
+
+
+async def previous_values(
+    session: AsyncSession, factory_id: int, device_id: int
+) -> dict[int, float]:
+    """{series_id: value} of the sample before each latest value of a device (within a
+    day of it), for trend arrows. One statement: an index probe per series."""
+    r = telemetry_raw.alias("r")
+    latest = series_latest
+    before = (
+        select(r.c.value)
+        .where(
+            r.c.series_id == latest.c.series_id,
+            r.c.ts < latest.c.ts,
+            r.c.ts >= latest.c.ts - PREVIOUS_VALUE_WINDOW_MS,
+        )
+        .order_by(r.c.ts.desc())
+        .limit(1)
+        .correlate(latest)
+        .scalar_subquery()
+    )
+    rows = await session.execute(
+        select(latest.c.series_id, before).where(
+            latest.c.factory_id == factory_id,
+            latest.c.device_id == device_id,
+            latest.c.value.is_not(None),
+        )
+    )
+    return {sid: float(v) for sid, v in rows.all() if v is not None}

@@ -705,6 +705,7 @@ class AuditFilters:
     action: str | None = None
     start: dt.datetime | None = None
     end: dt.datetime | None = None
+    actor: str | None = None  # part of the actor's e-mail ("system" for background work)
 
 
 async def list_audit(
@@ -727,6 +728,9 @@ async def list_audit(
         stmt = stmt.where(AuditEntry.entity_id == filters.entity_id)
     if filters.action is not None:
         stmt = stmt.where(AuditEntry.action == filters.action)
+    if filters.actor:
+        pattern = like_pattern(filters.actor)
+        stmt = stmt.where(func.lower(AuditEntry.actor).like(pattern, escape="\\"))
     if filters.start is not None:
         stmt = stmt.where(AuditEntry.at >= filters.start)
     if filters.end is not None:
@@ -901,11 +905,21 @@ def _token_pair(
     )
 
 
-async def refresh(session: AsyncSession, settings: Settings, secret: str, token: str) -> TokenPair:
+async def refresh(
+    session: AsyncSession,
+    settings: Settings,
+    secret: str,
+    token: str,
+    *,
+    reuse_grace_s: float = 0,
+) -> TokenPair:
     """Rotate: spend this refresh token, issue a new pair in the same family.
 
     Presenting a token that was already spent means it leaked (or a client raced);
-    either way the whole family is revoked and the user must log in again.
+    either way the whole family is revoked and the user must log in again. With
+    `reuse_grace_s` (the web UI's cookie, shared by every tab of a browser, whose
+    tabs may refresh in the same instant), a token spent less than that long ago
+    gets another new pair instead.
     """
     now = utcnow()
     row = (
@@ -920,7 +934,8 @@ async def refresh(session: AsyncSession, settings: Settings, secret: str, token:
     if row is None:
         raise Unauthorized("Invalid refresh token", code="refresh_invalid")
     stored, auth_session, user, factory = row
-    if stored.used_at is not None:
+    in_grace = stored.used_at is not None and (now - stored.used_at).total_seconds() < reuse_grace_s
+    if stored.used_at is not None and not in_grace:
         if auth_session.revoked_at is None:
             auth_session.revoked_at = now
             auth_session.revoke_reason = "refresh_reuse"
@@ -941,15 +956,16 @@ async def refresh(session: AsyncSession, settings: Settings, secret: str, token:
         raise Unauthorized("Session has ended; log in again", code="session_revoked")
     if not user.is_active:
         raise Unauthorized("Account is deactivated", code="account_inactive")
-    # Conditional update: of two concurrent refreshes with one token, only one wins.
-    spent = await session.execute(
-        update(RefreshToken)
-        .where(RefreshToken.id == stored.id, RefreshToken.used_at.is_(None))
-        .values(used_at=now)
-    )
-    if spent.rowcount != 1:  # type: ignore[attr-defined]
-        await session.rollback()
-        raise Unauthorized("Refresh token already used; session revoked", code="refresh_reused")
+    if not in_grace:
+        # Conditional update: of two concurrent refreshes with one token, only one wins.
+        spent = await session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.id == stored.id, RefreshToken.used_at.is_(None))
+            .values(used_at=now)
+        )
+        if spent.rowcount != 1:  # type: ignore[attr-defined]
+            await session.rollback()
+            raise Unauthorized("Refresh token already used; session revoked", code="refresh_reused")
     auth_session.last_used_at = now
     new_refresh = _issue_refresh(session, auth_session, settings, now)
     await session.commit()

@@ -32,11 +32,18 @@ from plantwatch.web.session import (
     session_refreshed_response,
     set_session_cookies,
 )
-from plantwatch.web.views import admin, alerts, dashboard, machines, rules
+from plantwatch.web.views import admin, alerts, dashboard, invite, machines, rules
 
 router = APIRouter(include_in_schema=False)
 
-VIEW_ROUTERS = [dashboard.router, machines.router, rules.router, alerts.router, admin.router]
+VIEW_ROUTERS = [
+    dashboard.router,
+    machines.router,
+    rules.router,
+    alerts.router,
+    admin.router,
+    invite.router,
+]
 
 
 async def _login_page(

@@ -31,6 +31,10 @@ from plantwatch.tenancy.auth import (
 )
 from plantwatch.tenancy.schemas import TokenPair
 
+# Every tab of a browser shares the refresh cookie, and two may refresh in the same
+# instant: within this many seconds a spent token gets a new pair, not a revoked login.
+REFRESH_REUSE_GRACE_S = 10.0
+
 
 class LoginRequired(Exception):
     """No usable session: the visitor must log in, then come back to `next_url`."""
@@ -116,7 +120,9 @@ async def refresh_pair(request: Request, session: AsyncSession) -> TokenPair | N
         return None
     c = container(request)
     try:
-        return await tenancy_service.refresh(session, c.settings, c.secret, token)
+        return await tenancy_service.refresh(
+            session, c.settings, c.secret, token, reuse_grace_s=REFRESH_REUSE_GRACE_S
+        )
     except Unauthorized:
         return None
 

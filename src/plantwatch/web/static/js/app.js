@@ -16,12 +16,15 @@
   }
 
   let refreshing = null;
-  // One refresh at a time, however many requests hit a 401 together.
+  // One refresh at a time, however many requests hit a 401 together. Resolves false
+  // only when the server says the login has ended (401); a network error or a busy
+  // server (5xx) is no reason to send anyone to the login page: true, try again.
   function refreshSession() {
     if (!refreshing) {
       refreshing = fetch("/session/refresh", {
         method: "POST", headers: { "X-CSRF-Token": csrf() }, credentials: "same-origin",
-      }).then((r) => r.ok).finally(() => { setTimeout(() => { refreshing = null; }, 1000); });
+      }).then((r) => r.ok || r.status !== 401, () => true)
+        .finally(() => { setTimeout(() => { refreshing = null; }, 1000); });
     }
     return refreshing;
   }
@@ -90,6 +93,11 @@
 
   // --- the live stream: one EventSource per page, resumed with Last-Event-ID ---
   let source = null;
+  // Leaving the page aborts the stream: that is no reason to refresh the session (a refresh
+  // whose answer is dropped with the page leaves a spent refresh cookie: reuse -> logged out).
+  let leaving = false;
+  addEventListener("beforeunload", () => { leaving = true; });
+  addEventListener("pageshow", () => { leaving = false; });
   let lastId = sessionStorage.getItem("pw-last-event-id");
   function setLive(state, label) {
     const el = document.getElementById("live-status");
@@ -117,6 +125,7 @@
     };
     source.onopen = () => setLive("live", "live");
     source.onerror = () => {
+      if (leaving) return;
       setLive("error", "reconnecting");
       // A 401 before the stream starts closes the EventSource for good: refresh and reopen.
       if (source.readyState === EventSource.CLOSED) {
