@@ -972,9 +972,7 @@ def open_alerts_select(factory_id: int) -> Any:
     """A GROUP BY select, one row per device with open alerts: device_id, a count per
     severity (columns named after SEVERITIES), `open` and `worst` (SEVERITY_RANK of
     the worst). Join it as a subquery to sort devices by their alerts or health."""
-    per_severity = [
-        func.sum(case((Alert.severity == s, 1), else_=0)).label(s) for s in SEVERITIES
-    ]
+    per_severity = [func.sum(case((Alert.severity == s, 1), else_=0)).label(s) for s in SEVERITIES]
     return (
         select(
             Alert.device_id.label("device_id"),
