@@ -258,7 +258,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--publishers", type=int, default=2)
     parser.add_argument("--window", type=int, default=2000, help="QoS 1 window per publisher")
-    parser.add_argument("--in-flight", type=int, default=4000, help="subscriber receive maximum")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=Settings().mqtt_max_in_flight,
+        help="subscriber receive maximum (default: PLANTWATCH_MQTT_MAX_IN_FLIGHT's default)",
+    )
     return parser.parse_args(argv)
 
 

@@ -1,9 +1,10 @@
 """The ingest pipeline's two write paths on a real database.
 
-Messages whose series are known and whose timestamps increase are prepared by
-their callers (rows, rollup aggregates, latest values) and stored without
-RETURNING; anything else — timestamps out of order within a message or across
-messages of one batch, points already stored, rewrites — takes the exact path.
+Messages whose series are known and whose timestamps increase are merged into
+the batch's rows, rollup aggregates and latest values (several samples a series:
+aggregated by their callers) and stored without RETURNING; anything else —
+timestamps out of order within a message or across messages of one batch, points
+already stored, rewrites — takes the exact path.
 Either way the store must end up as if every point had been written one by one:
 raw rows unique per (series, ts) with the last value, rollups equal to the
 aggregates of the raw rows, latest values the newest point of each series.
@@ -124,6 +125,43 @@ async def test_ordered_messages_of_one_batch_merge_exactly(
     assert [o.accepted for o in outcomes] == [80] * 8
     assert await _rows(started, "SELECT count(*) FROM telemetry_raw") == [(642,)]
     await _assert_store_consistent(started)
+
+
+async def test_one_sample_and_many_sample_messages_of_one_batch_merge_exactly(
+    started: Container, make_factory: MakeFactory
+) -> None:
+    """Small messages (one sample a series, added to the batch's aggregates) and larger
+    ones (a metric with several samples beside one with a single sample, aggregated by
+    the caller) fill the same buckets; every point counts exactly once."""
+    device = await _device(started, make_factory)
+    base = now_ms() - 2 * HOUR_MS
+    base -= base % HOUR_MS
+    await started.pipeline.ingest(
+        device, orjson.dumps({"ts": base, "values": {"a": 0.5, "b": 1, "c": 2}}), source="test"
+    )
+    sizes = _count_batches(started)
+    bodies: list[Any] = [
+        {"ts": base + 1_000, "values": {"a": 3.0, "b": 2, "c": -1.0}},
+        # "c" appears once, "a" three times: the caller aggregates the whole message.
+        [
+            {"ts": base + 2_000, "values": {"a": -7.0, "c": 9.5}},
+            {"ts": base + 3_000, "values": {"a": 11.0}},
+            {"ts": base + 61_000, "values": {"a": 1.0}},
+        ],
+        {"ts": base + 62_000, "values": {"a": 4.0, "b": 5, "c": 0.25}},
+        {"ts": base + 63_000, "values": {"c": 8.0}},
+    ]
+    outcomes = await _send_together(started, device, bodies)
+    assert sizes == [4]
+    assert [o.accepted for o in outcomes] == [3, 4, 3, 1]
+    assert await _rows(started, "SELECT count(*) FROM telemetry_raw") == [(14,)]
+    await _assert_store_consistent(started)
+    minute = await _rows(
+        started,
+        "SELECT cnt, vmin, vmax, vfirst, vlast FROM telemetry_1m r "
+        "JOIN device_parameters p ON p.id = r.series_id WHERE p.key = 'c' ORDER BY bucket",
+    )
+    assert minute == [(3, -1.0, 9.5, 2.0, 9.5), (2, 0.25, 8.0, 0.25, 8.0)]
 
 
 async def test_overlapping_messages_in_one_batch_take_the_exact_path(

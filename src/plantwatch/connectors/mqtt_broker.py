@@ -105,7 +105,7 @@ class EmbeddedBroker:
         *,
         host: str = "127.0.0.1",
         port: int = 1883,
-        max_in_flight: int = 2000,
+        max_in_flight: int = 8000,
         session_expiry_s: int = 86_400,
     ) -> None:
         self.ingest = ingest

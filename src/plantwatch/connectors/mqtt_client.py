@@ -318,7 +318,7 @@ class IngestSubscriber:
         client_id: str | None = None,
         share_group: str = "plantwatch",
         topic_filter: str = TELEMETRY_FILTER,
-        max_in_flight: int = 2000,
+        max_in_flight: int = 8000,
         session_expiry_s: int = 300,
         keepalive_s: int = 30,
         version: int = MQTT_V5,

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     # mqtt_host (default: host) and mqtt_port (0 = any free port).
     mqtt_url: SecretStr | None = None
     mqtt_host: str | None = None
-    mqtt_max_in_flight: int = Field(default=2000, ge=1, le=65535)
+    mqtt_max_in_flight: int = Field(default=8000, ge=1, le=65535)
     mqtt_share_group: str = Field(default="plantwatch", max_length=64, pattern=r"^[\w.-]*$")
     mqtt_client_id: str | None = Field(default=None, min_length=1, max_length=64)
     mqtt_session_expiry_s: int = Field(default=300, ge=0, le=7 * 86400)

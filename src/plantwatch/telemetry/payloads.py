@@ -82,6 +82,7 @@ class Reject:
 
 
 # metric -> (timestamps, values) in arrival order: the pipeline's form of the points.
+# Read-only once parsed: the columns of a one-entry message share one timestamps list.
 Columns = dict[str, tuple[list[int], list[float]]]
 
 
@@ -265,6 +266,7 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
         if ts <= previous_ts:
             ordered = False
         previous_ts = ts
+        single_stamp = [ts] if columns is not None and len(entries) == 1 else None
         for name, value in metrics.items():
             value_type = type(value)
             if value_type is float:
@@ -339,6 +341,10 @@ def parse_document(document: Any, now_ms: int, limits: Limits, result: Parsed) -
                 kinds[name] = "bool" if value_type is bool else "int"
             if columns is None:
                 points.append((name, ts, number))
+            elif single_stamp is not None:
+                # One entry: every column has this one timestamp, so they share its list
+                # (fewer objects for the collector while the message waits to commit).
+                columns[name] = (single_stamp, [number])
             else:
                 column = columns.get(name)
                 if column is None:

@@ -22,24 +22,28 @@ def aggregate(
     """Partial aggregates per (series_id, bucket start) of distinct points."""
     out: dict[tuple[int, int], Agg] = {}
     for series_id, ts, value in points:
-        key = (series_id, ts - ts % bucket_ms)
-        agg = out.get(key)
-        if agg is None:
-            out[key] = [1, value, value, value, ts, value, ts, value]
-            continue
-        agg[0] += 1
-        agg[1] += value
-        if value < agg[2]:
-            agg[2] = value
-        if value > agg[3]:
-            agg[3] = value
-        if ts < agg[4]:
-            agg[4] = ts
-            agg[5] = value
-        if ts >= agg[6]:
-            agg[6] = ts
-            agg[7] = value
+        add_point(out, (series_id, ts - ts % bucket_ms), ts, value)
     return out
+
+
+def add_point(out: dict[tuple[int, int], Agg], key: tuple[int, int], ts: int, value: float) -> None:
+    """Add one point, not already counted, to its bucket's aggregate in `out`."""
+    agg = out.get(key)
+    if agg is None:
+        out[key] = [1, value, value, value, ts, value, ts, value]
+        return
+    agg[0] += 1
+    agg[1] += value
+    if value < agg[2]:
+        agg[2] = value
+    elif value > agg[3]:
+        agg[3] = value
+    if ts < agg[4]:
+        agg[4] = ts
+        agg[5] = value
+    if ts >= agg[6]:
+        agg[6] = ts
+        agg[7] = value
 
 
 def merge(into: Agg, other: Agg) -> None:
