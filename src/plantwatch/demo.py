@@ -80,6 +80,8 @@ class ParameterSpec:
     noise: float
     data_type: DataType = "float"
     is_kpi: bool = False
+    # Electrical power draw (kW): the dashboard's power and energy-today figures.
+    is_power: bool = False
     warning_low: float | None = None
     warning_high: float | None = None
     critical_low: float | None = None
@@ -147,7 +149,7 @@ MACHINE_KINDS: dict[str, MachineKind] = {
                     warning_high=28.0, critical_high=32.0, wear_per_day=0.4,
                 ),
                 ParameterSpec(
-                    "power", "Power", "kW", 11.5, 0.7, is_kpi=True,
+                    "power", "Power", "kW", 11.5, 0.7, is_power=True, is_kpi=True,
                     warning_high=18.0, critical_high=22.0, wear_per_day=0.15,
                 ),
                 ParameterSpec(
@@ -175,7 +177,7 @@ MACHINE_KINDS: dict[str, MachineKind] = {
                     warning_high=34.0, critical_high=40.0, wear_per_day=0.5,
                 ),
                 ParameterSpec(
-                    "power", "Power", "kW", 15.0, 0.9, is_kpi=True,
+                    "power", "Power", "kW", 15.0, 0.9, is_power=True, is_kpi=True,
                     warning_high=22.0, critical_high=26.0, wear_per_day=0.2,
                 ),
                 ParameterSpec(
@@ -213,7 +215,7 @@ MACHINE_KINDS: dict[str, MachineKind] = {
                     warning_high=32.0, critical_high=36.0, wear_per_day=0.25,
                 ),
                 ParameterSpec(
-                    "power", "Power", "kW", 38.0, 2.0,
+                    "power", "Power", "kW", 38.0, 2.0, is_power=True,
                     warning_high=60.0, critical_high=70.0, wear_per_day=0.4,
                 ),
                 _cycle_count(2.1),
@@ -308,7 +310,7 @@ MACHINE_KINDS: dict[str, MachineKind] = {
                     warning_low=4.8, critical_low=4.0, maximum=7.5, wear_per_day=-0.05,
                 ),
                 ParameterSpec(
-                    "power", "Power", "kW", 33.0, 1.0, is_kpi=True,
+                    "power", "Power", "kW", 33.0, 1.0, is_power=True, is_kpi=True,
                     warning_high=40.0, critical_high=44.0, wear_per_day=0.3,
                 ),
                 ParameterSpec(
@@ -363,7 +365,7 @@ MACHINE_KINDS: dict[str, MachineKind] = {
                     warning_low=320.0, critical_low=260.0, maximum=700.0, wear_per_day=-3.0,
                 ),
                 ParameterSpec(
-                    "power", "Compressor power", "kW", 24.0, 0.8,
+                    "power", "Compressor power", "kW", 24.0, 0.8, is_power=True,
                     warning_high=32.0, critical_high=36.0, wear_per_day=0.3,
                 ),
             ),
@@ -751,6 +753,7 @@ async def seed(session: AsyncSession, password: str) -> Factory:
                 unit=p.unit,
                 data_type=p.data_type,
                 is_kpi=p.is_kpi,
+                is_power=p.is_power,
                 warning_low=p.warning_low,
                 warning_high=p.warning_high,
                 critical_low=p.critical_low,

@@ -243,6 +243,19 @@ async def test_seed_builds_the_plant_once(
             70.0,
             80.0,
         )
+        # Every machine's electrical power feeds the dashboard's power and energy card.
+        power = list(
+            await session.scalars(
+                select(DeviceParameter.is_power).where(DeviceParameter.key == "power")
+            )
+        )
+        assert power and all(power)
+        others = await session.scalar(
+            select(func.count())
+            .select_from(DeviceParameter)
+            .where(DeviceParameter.is_power, DeviceParameter.key != "power")
+        )
+        assert others == 0
 
     # One critical-limit rule per kind and parameter, live, on every machine of the kind.
     async with container.db.session() as session:

@@ -176,6 +176,24 @@ async def test_list_pages_searches_and_filters(
     assert 'class="pill status-never-seen">never seen</span>' in second.text
 
 
+async def test_decommissioned_machines_are_listed_only_under_their_filter(
+    as_browser: AsBrowser, admin_a: LoggedIn, fleet: dict[str, Any], client: httpx.AsyncClient
+) -> None:
+    retired = fleet["presses"][3]
+    gone = await client.delete(f"/api/v1/devices/{retired}", headers=admin_a.headers)
+    assert gone.status_code == 204, gone.text
+    web = await as_browser(admin_a)
+    page = await web.get("/machines", params={"per_page": "100", "q": "Press"})
+    assert "54 in all" in page.text  # as the dashboard counts: active machines only
+    assert retired not in row_ids(page.text)
+    online = await web.get("/machines", params={"status": "online", "q": "Press 03"})
+    assert row_ids(online.text) == []
+    listed = await web.get("/machines", params={"status": "decommissioned"})
+    assert row_ids(listed.text) == [retired]
+    assert 'class="pill status-decommissioned">decommissioned</span>' in listed.text
+    assert '<option value="decommissioned" selected>' in listed.text
+
+
 async def test_list_sorts_by_each_column(
     container: Container,
     factory_a: Factory,

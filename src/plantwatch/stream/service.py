@@ -284,14 +284,45 @@ class StreamRecorder:
 
 
 class Listener:
-    """What the hub and the KPI feeds know of a connection: its factory and a doorbell."""
+    """What the hub and the KPI feeds know of a connection: its factory and a doorbell.
+
+    The doorbell is one future the connection awaits with a timer beside it, not an
+    `asyncio.Event` under `wait_for`: ringing it resumes the connection in the next
+    turn of the loop, where the event's waiter task and wait_for's relay took two
+    more, each behind whatever else is queued (ingest, under load).
+    """
 
     def __init__(self, factory_id: int) -> None:
         self.factory_id = factory_id
-        self.bell = asyncio.Event()
+        self.rung = False
+        self._waiter: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
-        self.bell.set()
+        self.rung = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self.rung = False
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until rung (at once if rung since `clear`) or `timeout_s` passed."""
+        if self.rung:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _ring_out, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _ring_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class EventHub:
@@ -672,7 +703,7 @@ class StreamConnection:
             last_sent = next_kpi = loop.time()
             next_check = loop.time() + service.revalidate_s
             while not service.closing:
-                self.listener.bell.clear()
+                self.listener.clear()
                 now = loop.time()
                 if now >= next_check:
                     try:
@@ -700,7 +731,7 @@ class StreamConnection:
                 elif loop.time() - last_sent >= service.heartbeat_s:
                     yield b": ping\n\n"
                     last_sent = loop.time()
-                if self.listener.bell.is_set():
+                if self.listener.rung:
                     continue
                 now = loop.time()
                 deadline = min(last_sent + service.heartbeat_s, next_check)
@@ -708,8 +739,7 @@ class StreamConnection:
                     deadline = min(deadline, max(next_kpi, now + 0.01))
                 elif feed is not None and feed.gen > self.kpi_gen:
                     deadline = min(deadline, next_kpi)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.listener.bell.wait(), max(0.0, deadline - now))
+                await self.listener.wait(max(0.0, deadline - now))
         except Exception:
             # After the headers went out there is no error response to give: end the
             # stream; the client reconnects with its Last-Event-ID and loses nothing.

@@ -47,6 +47,9 @@ PER_PAGE = 50
 TABLE_ID = "machines-table"
 # The list's status filter -> Device.status ("unknown": no data ever received).
 STATUS_FILTERS = {"online": "online", "offline": "offline", "never_seen": "unknown"}
+# Decommissioned machines are listed only under their own filter, as the dashboard
+# leaves them out of its counts.
+DECOMMISSIONED = "decommissioned"
 # Sortable columns and the direction a first click sorts in ("-" = descending):
 # the worst health and the most alerts come first, the latest seen first.
 SORT_DEFAULTS = {"name": "", "status": "", "health": "", "alerts": "-", "last_seen": "-"}
@@ -100,7 +103,7 @@ class ListQuery:
         kind = params.get("kind", "")[:64]
         return cls(
             q="".join(ch for ch in q if ch.isprintable()),
-            status=status if status in STATUS_FILTERS else "",
+            status=status if status in STATUS_FILTERS or status == DECOMMISSIONED else "",
             group=_int_param(params.get("group")),
             line=_int_param(params.get("line")),
             kind="".join(ch for ch in kind if ch.isprintable()),
@@ -124,6 +127,7 @@ class ListQuery:
         return DeviceFilters(
             search=self.q or None,
             status=STATUS_FILTERS.get(self.status),
+            is_active=self.status != DECOMMISSIONED,
             group_id=self.group,
             line_id=self.line,
             kind=self.kind or None,
@@ -172,7 +176,7 @@ class ListQuery:
 @dataclass(frozen=True)
 class MachineRow:
     device: DeviceOut
-    status: str  # online | offline | never_seen
+    status: str  # online | offline | never_seen | decommissioned
     health: Health
     open_alerts: int
     worst: str | None  # the worst open alert's severity
@@ -267,7 +271,7 @@ async def _with_health(
         out.append(
             MachineRow(
                 device=device,
-                status=display_status(device.status),
+                status=display_status(device.status) if device.is_active else DECOMMISSIONED,
                 health=device_health(_online(device.status), counts, levels.get(device.id, {})),
                 open_alerts=sum(counts.values()),
                 worst=worst,
