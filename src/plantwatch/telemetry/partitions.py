@@ -14,7 +14,7 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -111,24 +111,33 @@ class Partitions:
             removed["raw_partitions"] = len(old)
         else:
             cutoffs["telemetry_raw"] = raw_cutoff
-        async with self.engine.connect() as conn:
-            series = [
-                row[0]
-                for row in await conn.execute(
-                    text("SELECT series_id FROM series_latest ORDER BY series_id")
-                )
-            ]
         for table, cutoff in cutoffs.items():
             column = "ts" if table == "telemetry_raw" else "bucket"
             removed[table] = 0
-            # Per series through the primary key, in short transactions: a table scan
-            # would hold SQLite's single write lock and stall ingest.
+            # Only the series that hold anything that old: one primary-key probe each,
+            # read-only (a fresh or young store has none, and deletes nothing).
+            async with self.engine.connect() as conn:
+                series = [
+                    row[0]
+                    for row in await conn.execute(
+                        text(
+                            f"SELECT l.series_id FROM series_latest l WHERE EXISTS "
+                            f"(SELECT 1 FROM {table} t WHERE t.series_id = l.series_id "
+                            f"AND t.{column} < :c) ORDER BY l.series_id"
+                        ),
+                        {"c": cutoff},
+                    )
+                ]
+            # Through the primary key, a chunk of series a statement, in short
+            # transactions: a table scan would hold SQLite's single write lock and stall
+            # ingest.
+            delete = text(
+                f"DELETE FROM {table} WHERE series_id IN :s AND {column} < :c"
+            ).bindparams(bindparam("s", expanding=True))
             for start in range(0, len(series), _RETENTION_CHUNK):
                 async with self.engine.begin() as conn:
-                    for series_id in series[start : start + _RETENTION_CHUNK]:
-                        result = await conn.execute(
-                            text(f"DELETE FROM {table} WHERE series_id = :s AND {column} < :c"),
-                            {"s": series_id, "c": cutoff},
-                        )
-                        removed[table] += result.rowcount
+                    result = await conn.execute(
+                        delete, {"s": series[start : start + _RETENTION_CHUNK], "c": cutoff}
+                    )
+                    removed[table] += result.rowcount
         return removed
