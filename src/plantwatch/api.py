@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +32,7 @@ from plantwatch.telemetry.routes import router as telemetry_router
 from plantwatch.telemetry.transfer_routes import router as transfer_router
 from plantwatch.tenancy.routes import router as tenancy_router
 from plantwatch.web.routes import install_web
+from plantwatch.web.views.dashboard import warm_energy
 
 DOMAIN_ROUTERS = [
     tenancy_router,
@@ -56,10 +59,14 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         app.state.container = container
         await container.start()
         app.state.ready = True
+        warming = asyncio.create_task(warm_energy(container.db), name="web:warm-energy")
         try:
             yield
         finally:
             app.state.ready = False
+            warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
             if owns_container:
                 await container.close()
 

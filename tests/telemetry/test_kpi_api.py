@@ -628,9 +628,10 @@ async def test_viewer_reads_and_a_role_without_telemetry_read_is_refused(
     assert_problem(anonymous, 401)
 
 
-async def test_energy_split_at_the_hour_is_exact(container: Container) -> None:
-    """Today's integral is computed as (finished hours, cached) + (this hour): the sum
-    equals the integral in one piece, whatever the gaps and caps."""
+async def test_energy_today_from_a_kept_prefix_is_exact(container: Container) -> None:
+    """Today's integral is (a kept prefix up to a settled minute, extended as minutes
+    settle) + (the rest, afresh): the sum equals the integral in one piece, whatever
+    the gaps and caps; a late point shows once the prefix is rebuilt."""
     rng = random.Random(5)
     day0 = int(_utc("2026-05-04T00:00:00+00:00").timestamp() * 1000)
     points = []
@@ -641,13 +642,37 @@ async def test_energy_split_at_the_hour_is_exact(container: Container) -> None:
             ts += rng.choice([7_000, 45_000, 4 * MINUTE, 13 * MINUTE, 2 * HOUR])
     await _write(container, points)
     caps = {1: 300_000, 2: 600_000, 3: 3_600_000}
+
+    async def check(now: int) -> None:
+        whole = await queries.energy_integrals(conn, caps, day0, now)
+        for _ in range(2):  # computed, then from the kept prefix
+            split = await kpis._energy_today(conn, caps, day0, now)
+            for sid in caps:
+                assert split[sid] == pytest.approx(whole.get(sid, 0.0)), (sid, now)
+
     async with container.db.engine.connect() as conn:
-        for now in (day0 + 13 * HOUR + 17 * MINUTE + 5, day0 + 9 * HOUR, day0 + 30 * MINUTE):
-            whole = await queries.energy_integrals(conn, caps, day0, now)
-            for _ in range(2):  # computed, then from the cache
-                split = await kpis._energy_today(conn, caps, day0, now)
-                for sid in caps:
-                    assert split[sid] == pytest.approx(whole.get(sid, 0.0)), (sid, now)
+        # Forward in time (the prefix grows), then back (answered without it).
+        for now in (
+            day0 + 30 * MINUTE,
+            day0 + 9 * HOUR + 5,
+            day0 + 9 * HOUR + 3 * MINUTE + 7,
+            day0 + 13 * HOUR + 17 * MINUTE + 5,
+            day0 + 2 * HOUR,
+        ):
+            await check(now)
+        now = day0 + 13 * HOUR + 20 * MINUTE
+        before = await kpis._energy_today(conn, caps, day0, now)
+    # A late point inside the kept prefix: counted after the background rebuild.
+    await _write(container, [(1, day0 + 6 * HOUR + 30_000, 5_000.0)])
+    async with container.db.engine.connect() as conn:
+        assert (await kpis._energy_today(conn, caps, day0, now))[1] == pytest.approx(before[1])
+        [prefix] = kpis._prefixes[container.db.engine.sync_engine].values()
+        prefix.built -= kpis.ENERGY_REBUILD_S + 1
+        await kpis._energy_today(conn, caps, day0, now)
+        assert prefix.rebuild is not None
+        await prefix.rebuild
+        await check(now)
+        assert (await kpis._energy_today(conn, caps, day0, now))[1] > before[1]
 
 
 async def test_latest_values_come_from_memory_and_see_other_processes(

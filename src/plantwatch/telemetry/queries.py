@@ -388,13 +388,23 @@ async def energy_integrals(
     values = ", ".join(f"({int(sid)}, {int(cap)})" for sid, cap in caps.items())
     end_expr = f"{least}(r.nxt, r.last_ts + r.cap, {p}2)"
     start_expr = f"{greatest}(r.bucket, {p}3)"
+    # The minutes from `start` on, plus each series' last minute before it (within the
+    # lookback: its value may be held into the range), found by one primary-key seek a
+    # series instead of reading the whole lookback (which is the offline limit: hours).
+    columns = "m.series_id, m.bucket, m.total, m.cnt, m.last_ts, c.cap"
+    minutes = (
+        f"SELECT {columns} FROM telemetry_1m m JOIN caps c ON c.sid = m.series_id "
+        f"WHERE m.bucket >= {p}3 AND m.bucket < {p}2 "
+        f"UNION ALL SELECT {columns} FROM caps c JOIN telemetry_1m m ON m.series_id = c.sid "
+        "AND m.bucket = (SELECT max(x.bucket) FROM telemetry_1m x WHERE x.series_id = c.sid "
+        f"AND x.bucket >= {p}1 AND x.bucket < {p}3)"
+    )
     sql = (
         f"WITH caps(sid, cap) AS (VALUES {values}) "
         f"SELECT r.series_id, sum(r.avg_v * ({end_expr} - {start_expr})) FROM ("
-        "SELECT m.series_id, m.bucket, m.total / m.cnt AS avg_v, m.last_ts, c.cap, "
+        "SELECT m.series_id, m.bucket, m.total / m.cnt AS avg_v, m.last_ts, m.cap, "
         f"coalesce(lead(m.bucket) OVER (PARTITION BY m.series_id ORDER BY m.bucket), {p}2) "
-        "AS nxt FROM telemetry_1m m JOIN caps c ON c.sid = m.series_id "
-        f"WHERE m.bucket >= {p}1 AND m.bucket < {p}2"
+        f"AS nxt FROM ({minutes}) m"
         f") r WHERE {end_expr} > {start_expr} GROUP BY r.series_id"
     )
     result = await conn.exec_driver_sql(sql, (start_ms - lookback, now_ms, start_ms))
