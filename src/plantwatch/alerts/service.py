@@ -253,18 +253,26 @@ def raise_alert_sync(
     to the database (Database.run_write); `raise_alert` is the async form.
     """
     key = open_key(rule_id, device_id)
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    open_alert_id = select(Alert.id).where(Alert.open_key == key, Alert.factory_id == factory_id)
     for attempt in range(3):
-        bumped = session.scalar(
-            update(Alert)
-            .where(Alert.open_key == key, Alert.factory_id == factory_id)
-            .values(
-                occurrences=Alert.occurrences + 1,
-                last_seen_at=case((Alert.last_seen_at < at, at), else_=Alert.last_seen_at),
-                updated_at=utcnow(),
+        if sqlite and session.scalar(open_alert_id) is None:
+            # SQLite holds its one write lock from BEGIN to commit, so nobody opens this
+            # alert in between: go straight to the insert, without the ORM's UPDATE ...
+            # RETURNING (the costliest statement of the transaction that raises it).
+            bumped = None
+        else:
+            bumped = session.scalar(
+                update(Alert)
+                .where(Alert.open_key == key, Alert.factory_id == factory_id)
+                .values(
+                    occurrences=Alert.occurrences + 1,
+                    last_seen_at=case((Alert.last_seen_at < at, at), else_=Alert.last_seen_at),
+                    updated_at=utcnow(),
+                )
+                .returning(Alert)
+                .execution_options(populate_existing=True, synchronize_session=False)
             )
-            .returning(Alert)
-            .execution_options(populate_existing=True, synchronize_session=False)
-        )
         if bumped is not None:
             add_timeline(
                 session,
@@ -292,7 +300,7 @@ def raise_alert_sync(
             escalation_level=0,
         )
         start_sla(alert, policy, at)
-        if session.get_bind().dialect.name == "sqlite":
+        if sqlite:
             # One writer at a time, from the UPDATE above to the commit: nobody can
             # open this alert in between, and a savepoint would cost two more trips.
             session.add(alert)
