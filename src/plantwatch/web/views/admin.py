@@ -318,6 +318,7 @@ async def _dead_letters_context(
 
 
 @router.get("/dead-letters")
+@router.get("/dead-letters/rows")
 async def dead_letters_page(
     request: Request,
     principal: Visitor,
@@ -328,28 +329,18 @@ async def dead_letters_page(
     status: str | None = None,
     page: str | None = None,
 ) -> Response:
+    """The page, or (`/rows`) the table alone, for refreshing it after a replay."""
     if not principal.can("telemetry:write"):
         return forbidden(request, principal, "telemetry:write", "Dead letters")
     ctx = await _dead_letters_context(request, principal, reason, device, start, end, status, page)
+    if _fragment(request, "/rows"):
+        return render(request, "_dead_letters_table.html", principal, **ctx)
     return render(request, "dead_letters.html", principal, **ctx)
 
 
-@router.get("/dead-letters/rows")
-async def dead_letters_rows(
-    request: Request,
-    principal: Visitor,
-    reason: str | None = None,
-    device: str | None = None,
-    start: str | None = None,
-    end: str | None = None,
-    status: str | None = None,
-    page: str | None = None,
-) -> Response:
-    """The table alone, for refreshing it after a replay."""
-    if not principal.can("telemetry:write"):
-        return forbidden(request, principal, "telemetry:write", "Dead letters")
-    ctx = await _dead_letters_context(request, principal, reason, device, start, end, status, page)
-    return render(request, "_dead_letters_table.html", principal, **ctx)
+def _fragment(request: Request, suffix: str) -> bool:
+    """Whether the request is for a page's fragment route (the page's path + suffix)."""
+    return request.url.path.endswith(suffix)
 
 
 # --- users and roles ----------------------------------------------------------------------
@@ -459,6 +450,7 @@ async def _users_context(
 
 
 @router.get("/users")
+@router.get("/users/rows")
 async def users_page(
     request: Request,
     principal: Visitor,
@@ -468,9 +460,12 @@ async def users_page(
     sort: str | None = None,
     page: str | None = None,
 ) -> Response:
+    """The page, or (`/rows`) the users table alone, for refreshing it after an invite."""
     if not principal.can("users:read"):
         return forbidden(request, principal, "users:read", "Users and roles")
     ctx = await _users_context(request, principal, search, role, status, sort, page)
+    if _fragment(request, "/rows"):
+        return render(request, "_users_table.html", principal, **ctx)
     return render(
         request,
         "users.html",
@@ -480,23 +475,6 @@ async def users_page(
         permissions=PERMISSIONS,
         **ctx,
     )
-
-
-@router.get("/users/rows")
-async def users_rows(
-    request: Request,
-    principal: Visitor,
-    search: str | None = None,
-    role: str | None = None,
-    status: str | None = None,
-    sort: str | None = None,
-    page: str | None = None,
-) -> Response:
-    """The users table alone, for refreshing it after an invite."""
-    if not principal.can("users:read"):
-        return forbidden(request, principal, "users:read", "Users and roles")
-    ctx = await _users_context(request, principal, search, role, status, sort, page)
-    return render(request, "_users_table.html", principal, **ctx)
 
 
 def _parse_id(raw: str) -> int | None:
@@ -542,26 +520,19 @@ async def _user_context(
 
 
 @router.get("/users/{user_id}")
-async def user_page(request: Request, principal: Visitor, user_id: str) -> Response:
-    if not principal.can("users:read"):
-        return forbidden(request, principal, "users:read", "Users and roles")
-    parsed = _parse_id(user_id)
-    ctx = await _user_context(request, principal, parsed) if parsed is not None else None
-    if ctx is None:
-        return not_found(request, principal, "This user", "/users", "users")
-    return render(request, "user.html", principal, **ctx)
-
-
 @router.get("/users/{user_id}/detail")
-async def user_detail(request: Request, principal: Visitor, user_id: str) -> Response:
-    """The user's details and access controls alone, for refreshing them after a change."""
+async def user_page(request: Request, principal: Visitor, user_id: str) -> Response:
+    """The page, or (`/detail`) the user's details and access controls alone, for
+    refreshing them after a change."""
     if not principal.can("users:read"):
         return forbidden(request, principal, "users:read", "Users and roles")
     parsed = _parse_id(user_id)
     ctx = await _user_context(request, principal, parsed) if parsed is not None else None
     if ctx is None:
         return not_found(request, principal, "This user", "/users", "users")
-    return render(request, "_users_detail.html", principal, **ctx)
+    if _fragment(request, "/detail"):
+        return render(request, "_users_detail.html", principal, **ctx)
+    return render(request, "user.html", principal, **ctx)
 
 
 # --- audit log ----------------------------------------------------------------------------
