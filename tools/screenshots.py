@@ -117,13 +117,16 @@ def main() -> None:
                     page.goto("/login")
                     return page
 
+                def log_in(page: Any, user: str) -> None:
+                    page.get_by_label("Factory").select_option("demo")
+                    page.get_by_label("Email").fill(f"{user}@demo.plantwatch.example")
+                    page.get_by_label("Password").fill(PASSWORD)
+                    page.get_by_role("button", name="Log in").click()
+                    page.wait_for_url(re.compile(r"^(?!.*/login).*$"))
+
                 page = session("light", {"width": 1440, "height": 900})
                 shoot(page, "login")
-                page.get_by_label("Factory").select_option("demo")
-                page.get_by_label("Email").fill("admin@demo.plantwatch.example")
-                page.get_by_label("Password").fill(PASSWORD)
-                page.get_by_role("button", name="Log in").click()
-                page.wait_for_url(re.compile(r"^(?!.*/login).*$"))
+                log_in(page, "admin")
                 shoot(page, "dashboard")
                 page.goto("/machines")
                 shoot(page, "machines")
@@ -152,11 +155,7 @@ def main() -> None:
                     shoot(page, name)
 
                 dark = session("dark", {"width": 1440, "height": 900})
-                dark.get_by_label("Factory").select_option("demo")
-                dark.get_by_label("Email").fill("manager@demo.plantwatch.example")
-                dark.get_by_label("Password").fill(PASSWORD)
-                dark.get_by_role("button", name="Log in").click()
-                dark.wait_for_url(re.compile(r"^(?!.*/login).*$"))
+                log_in(dark, "manager")
                 shoot(dark, "dashboard_dark")
                 dark.set_viewport_size({"width": 800, "height": 1280})  # a 10" tablet
                 dark.goto("/machines")

@@ -264,6 +264,9 @@ async def reading(db: Database) -> AsyncIterator[AsyncSession]:
 # --- energy: the factory's figures, shared by every dashboard of this process ----------------
 
 ENERGY_TTL_S = 5.0
+# Figures this long past their TTL are not shown while new ones are worked out: the
+# first dashboard after a quiet spell waits for fresh ones instead.
+ENERGY_STALE_S = 10.0
 
 
 @dataclass
@@ -287,13 +290,14 @@ def cached_energy(db: Database, factory_id: int) -> EnergySummaryOut | None:
 async def energy_summary(db: Database, factory_id: int) -> EnergySummaryOut:
     """kpis.energy_summary (totals and the top consumers), computed at most once per
     ENERGY_TTL_S per factory and process however many dashboards ask, in its own
-    session. Once there are figures, a request never waits for new ones: it gets the
-    last figures (at most a few seconds old) and the refresh runs in the background
-    (10,000 power series: ~0.3 s)."""
+    session. While someone watches, a request never waits for new figures: it gets the
+    last ones (at most ENERGY_TTL_S + ENERGY_STALE_S old) and the refresh runs in the
+    background (10,000 power series: ~0.3 s)."""
     entry = _energy.setdefault(db, {}).setdefault(factory_id, _Energy())
-    if entry.value is None:
-        await _refresh_energy(db, factory_id, entry)
-    elif entry.expires <= time.monotonic() and (entry.refresh is None or entry.refresh.done()):
+    now = time.monotonic()
+    if entry.value is None or now > entry.expires + ENERGY_STALE_S:
+        await _refresh_energy(db, factory_id, entry)  # none yet, or too old to show
+    elif entry.expires <= now and (entry.refresh is None or entry.refresh.done()):
         entry.refresh = asyncio.create_task(_refresh_energy(db, factory_id, entry))
     assert entry.value is not None
     return entry.value
